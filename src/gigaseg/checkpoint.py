@@ -1,0 +1,94 @@
+"""Training checkpoints: weights, optimizer state, step and history in one atomic ``.npz``.
+
+Plain arrays only (no pickle), so loading a checkpoint never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gigaseg.errors import GigasegError
+
+LAST = "last.npz"
+
+
+class CheckpointError(GigasegError):
+    """A checkpoint is missing, unreadable or does not match the model."""
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    weights: list[np.ndarray]
+    optimizer: list[np.ndarray]
+    history: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, history: list[dict], extra: dict | None = None) -> Path:
+    """Write the checkpoint to a temporary file in the same folder, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {
+        "step": np.array(step, dtype=np.int64),
+        "history": np.array(json.dumps(history, sort_keys=True)),
+        "extra": np.array(json.dumps(extra or {}, sort_keys=True)),
+    }
+    for i, v in enumerate(model.trainable_variables):
+        arrays[f"weight_{i:04d}"] = np.asarray(v.numpy())
+    for i, v in enumerate(optimizer.variables):
+        arrays[f"optimizer_{i:04d}"] = np.asarray(v.numpy())
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint written by ``save_checkpoint``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = sorted(data.files)
+            weights = [data[n] for n in names if n.startswith("weight_")]
+            optimizer = [data[n] for n in names if n.startswith("optimizer_")]
+            return Checkpoint(
+                step=int(data["step"]),
+                weights=weights,
+                optimizer=optimizer,
+                history=json.loads(str(data["history"])),
+                extra=json.loads(str(data["extra"])),
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc}); delete it or resume from another run") from exc
+
+
+def restore(checkpoint: Checkpoint, model, optimizer) -> None:
+    """Copy a checkpoint's weights and optimizer state into a built model and optimizer."""
+    variables = model.trainable_variables
+    if len(variables) != len(checkpoint.weights) or any(
+        tuple(v.shape) != w.shape for v, w in zip(variables, checkpoint.weights)
+    ):
+        raise CheckpointError("the checkpoint was written for a different model layout; use the same model config")
+    for v, w in zip(variables, checkpoint.weights):
+        v.assign(w)
+    optimizer.build(variables)
+    if len(optimizer.variables) != len(checkpoint.optimizer):
+        raise CheckpointError("the checkpoint was written with a different optimizer; use the same train.optimizer")
+    for v, w in zip(optimizer.variables, checkpoint.optimizer):
+        v.assign(w)

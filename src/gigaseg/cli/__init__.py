@@ -1,0 +1,1 @@
+"""Command-line entry points: the only code that sees Hydra configs or starts MLflow runs."""

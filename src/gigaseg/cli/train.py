@@ -1,0 +1,164 @@
+"""``gigaseg-train``: train the U-Net on a prepared region and track the run in MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from gigaseg.cli.common import config_dir, to_plain, user_errors
+from gigaseg.errors import ConfigError, GigasegError
+
+log = logging.getLogger("gigaseg.train")
+
+
+def model_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``build_unet`` arguments of a ``model`` config node."""
+    keys = ("filters", "kernels", "strides", "decoder_filters", "activation", "name")
+    unknown = sorted(set(model_cfg) - set(keys))
+    if unknown:
+        raise ConfigError(f"model config has unknown option(s) {', '.join('model.' + k for k in unknown)}")
+    return {k: model_cfg[k] for k in keys if k in model_cfg and model_cfg[k] is not None}
+
+
+def train_config(train_cfg: dict[str, Any]):
+    """A validated TrainConfig from the ``train`` config node (``resume``/``log_model`` stay here)."""
+    from gigaseg.training import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    extra = {"resume", "log_model"}
+    unknown = sorted(set(train_cfg) - names - extra)
+    if unknown:
+        raise ConfigError(f"train config has unknown option(s) {', '.join('train.' + k for k in unknown)}")
+    config = TrainConfig(**{k: v for k, v in train_cfg.items() if k in names})
+    config.validate()
+    return config
+
+
+def _resume_checkpoint(run_id: str, tracking_uri: str, into: Path) -> Path:
+    """Download the last checkpoint of an MLflow run."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        raise ConfigError(f"train.resume={run_id}: no such MLflow run in {tracking_uri}") from exc
+    try:
+        path = client.download_artifacts(run_id, "checkpoints/last.npz", str(into))
+    except (MlflowException, OSError) as exc:
+        raise ConfigError(f"train.resume={run_id}: the run has no checkpoint to resume from") from exc
+    return Path(path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train as the composed config says; returns the final validation Dice (for sweepers)."""
+    from gigaseg.data import load_region
+    from gigaseg.plots import overlay_png, plot_curves
+    from gigaseg.tracking import MlflowRun, check_tracking_store, dvc_data_digest, flatten_config, git_state
+    from gigaseg.training import train
+
+    plain = to_plain(cfg)
+    root = Path(plain["paths"]["root"])
+    config = train_config(plain["train"])
+    kwargs = model_kwargs(plain["model"])
+    tracking_uri = plain["mlflow"]["tracking_uri"]
+    check_tracking_store(tracking_uri)
+
+    data_dir = Path(plain["data"]["dir"])
+    train_region = load_region(data_dir / "train")
+    val_region = load_region(data_dir / "val") if (data_dir / "val").exists() else None
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    overrides = list(HydraConfig.get().overrides.task)
+
+    tags = {
+        "gigaseg.overrides": " ".join(overrides) or "(none)",
+        "gigaseg.data_dir": str(data_dir),
+        "gigaseg.train_manifest_sha256": _sha256(train_region.path / "manifest.json"),
+        **git_state(root),
+    }
+    digest = dvc_data_digest(root / "data.dvc", data_dir)
+    if digest:
+        tags["gigaseg.data_dvc_md5"] = digest
+    tags["gigaseg.train_manifest"] = json.dumps(train_region.manifest, sort_keys=True)[:5000]
+    params = flatten_config({k: v for k, v in plain.items() if k != "hydra"})
+    params["overrides"] = " ".join(overrides) or "(none)"
+
+    resume_id = plain["train"].get("resume")
+    with MlflowRun(
+        tracking_uri,
+        plain["mlflow"]["experiment_name"],
+        run_name=plain["mlflow"].get("run_name"),
+        run_id=resume_id,
+        params=params,
+        tags=tags,
+        log_system_metrics=bool(plain["mlflow"].get("log_system_metrics")),
+    ) as tracked:
+        log.info("MLflow run %s in %s", tracked.run_id, tracking_uri)
+        tracked.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        tracked.log_artifact(train_region.path / "manifest.json", "data/train")
+        if val_region is not None:
+            tracked.log_artifact(val_region.path / "manifest.json", "data/val")
+        checkpoint = None
+        with tempfile.TemporaryDirectory() as tmp:
+            if resume_id:
+                checkpoint = _resume_checkpoint(resume_id, tracking_uri, Path(tmp))
+            result = train(
+                kwargs,
+                train_region.image,
+                train_region.mask,
+                None if val_region is None else val_region.image,
+                None if val_region is None else val_region.mask,
+                config,
+                checkpoint_dir=output_dir / "checkpoints",
+                resume=checkpoint,
+                logger=tracked,
+            )
+        tracked.set_tags({"gigaseg.tiled": str(result.tiled), "gigaseg.tile_size": str(result.tile_size)})
+        curves = plot_curves(result.history, output_dir / "curves.png")
+        tracked.log_artifact(curves, "plots")
+        if val_region is not None and result.val_probability is not None:
+            overlay = overlay_png(val_region.image, result.val_probability, val_region.mask,
+                                  output_dir / "val_overlay.png", threshold=config.threshold)
+            tracked.log_artifact(overlay, "plots")
+        summary = {f"final_{k}": v for k, v in result.metrics.items()}
+        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        tracked.log_metrics(summary, step=config.steps)
+        if plain["train"].get("log_model", True):
+            manifest = train_region.manifest
+            region = manifest.get("region", {})
+            uri = tracked.log_model(
+                result.model,
+                metadata={
+                    "gigaseg_level": region.get("level"),
+                    "gigaseg_mpp": region.get("mpp"),
+                    "gigaseg_total_stride": manifest.get("total_stride"),
+                    "gigaseg_threshold": config.threshold,
+                },
+            )
+            log.info("model logged as %s", uri)
+        log.info("final metrics: %s", json.dumps(result.metrics, sort_keys=True))
+    return result.metrics.get("val_dice")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    with user_errors():
+        return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

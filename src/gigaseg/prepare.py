@@ -1,0 +1,191 @@
+"""Make a dataset from its description: generate the synthetic slide if asked, then prepare
+each named region (``train``, ``val``) with its mask into ``<dir>/<name>/``.
+
+Plain arguments only; ``gigaseg-prepare`` turns the ``data`` config group into them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gigaseg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MASK_SOURCES = ("synthetic", "geojson", "image", "bootstrap")
+
+
+@dataclass(frozen=True)
+class SyntheticRecipe:
+    """How to generate a synthetic slide (see ``gigaseg.slides.synthetic``)."""
+
+    height: int
+    width: int
+    seed: int = 0
+    mpp: float = 0.5
+    tile_size: int = 512
+
+
+@dataclass(frozen=True)
+class RegionRequest:
+    """One named region of the dataset, and its own mask file for ``image`` masks."""
+
+    name: str
+    x: int
+    y: int
+    width: int
+    height: int
+    level: int | None = 0
+    mpp: float | None = None
+    mask_path: str | None = None
+
+
+@dataclass
+class DatasetSpec:
+    """A slide, where its labels come from, and the regions to cut from it."""
+
+    out_dir: Path
+    slide_path: Path
+    regions: list[RegionRequest]
+    mask_source: str = "synthetic"
+    mask_path: Path | None = None
+    classes: list[str] | None = None
+    synthetic: SyntheticRecipe | None = None
+    fit: str = "pad"
+    pad_value: tuple[int, int, int] = (242, 242, 242)
+    max_region: tuple[int, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.mask_source not in MASK_SOURCES:
+            raise ConfigError(
+                f"data.mask.source '{self.mask_source}' is unknown; choose one of {', '.join(MASK_SOURCES)}"
+            )
+        if self.mask_source in ("synthetic", "geojson") and self.mask_path is None:
+            raise ConfigError(f"data.mask.path is required for mask source '{self.mask_source}'")
+        if self.mask_source == "synthetic" and self.synthetic is None:
+            raise ConfigError("data.mask.source=synthetic needs a synthetic slide (data.slide.synthetic)")
+        if self.max_region is not None and any(int(v) <= 0 for v in self.max_region):
+            raise ConfigError(f"data.max_region must be two positive sizes (height, width), got {self.max_region}")
+        if not self.regions:
+            raise ConfigError("data.regions lists no region; give at least a 'train' region")
+        for region in self.regions:
+            if region.mask_path is None and self.mask_source == "image":
+                raise ConfigError(f"data.regions.{region.name}.mask_path is required for mask source 'image'")
+
+
+def capped(region: RegionRequest, max_region: tuple[int, int] | None) -> RegionRequest:
+    """The region shrunk to at most ``max_region`` (height, width), keeping its origin."""
+    if max_region is None:
+        return region
+    height, width = (int(v) for v in max_region)
+    return RegionRequest(**{**asdict(region), "height": min(region.height, height), "width": min(region.width, width)})
+
+
+def synthetic_extent(recipe: SyntheticRecipe, regions: list[RegionRequest]) -> SyntheticRecipe:
+    """Shrink a synthetic slide to what level-0 regions need (used by shrunk debug runs)."""
+    if any(r.level not in (0, None) or r.mpp is not None for r in regions):
+        return recipe
+    height = max(r.y + r.height for r in regions)
+    width = max(r.x + r.width for r in regions)
+    return SyntheticRecipe(**{**asdict(recipe), "height": min(recipe.height, height), "width": min(recipe.width, width)})
+
+
+def ensure_synthetic_slide(spec: DatasetSpec, regions: list[RegionRequest], *, progress: bool) -> dict | None:
+    """Generate the dataset's synthetic slide and truth mask unless the same recipe exists."""
+    from gigaseg.slides.synthetic import write_synthetic_slide
+
+    if spec.synthetic is None:
+        return None
+    recipe = spec.synthetic if spec.max_region is None else synthetic_extent(spec.synthetic, regions)
+    recipe_file = spec.slide_path.with_name(spec.slide_path.name + ".recipe.json")
+    wanted = json.dumps(asdict(recipe), sort_keys=True)
+    mask_path = spec.mask_path if spec.mask_source == "synthetic" else None
+    have = spec.slide_path.exists() and (mask_path is None or Path(mask_path).exists())
+    if have and recipe_file.exists() and recipe_file.read_text() == wanted:
+        log.info("synthetic slide %s is up to date", spec.slide_path)
+        return asdict(recipe)
+    spec.slide_path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("generating synthetic slide %s (%dx%d, seed %d)", spec.slide_path, recipe.width, recipe.height, recipe.seed)
+    write_synthetic_slide(
+        spec.slide_path,
+        height=recipe.height,
+        width=recipe.width,
+        seed=recipe.seed,
+        mpp=recipe.mpp,
+        tile_size=recipe.tile_size,
+        mask_path=spec.mask_path,
+        progress=progress,
+    )
+    recipe_file.write_text(wanted)
+    return asdict(recipe)
+
+
+def mask_source_for(spec: DatasetSpec, region: RegionRequest):
+    """The mask source object of a region."""
+    from gigaseg.data import masks
+
+    if spec.mask_source == "synthetic":
+        return masks.SyntheticMask(spec.mask_path)
+    if spec.mask_source == "geojson":
+        from gigaseg.data.geojson import GeoJSONMask
+
+        return GeoJSONMask(spec.mask_path, classes=spec.classes)
+    if spec.mask_source == "image":
+        return masks.MaskImage(region.mask_path)
+    return masks.BootstrapMask()
+
+
+def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = True) -> dict[str, dict]:
+    """Prepare every region of ``spec``; regions already prepared from the same request are kept."""
+    from gigaseg.data import RegionSpec, prepare_region, read_manifest
+    from gigaseg.slides import open_slide
+
+    spec.validate()
+    regions = [capped(r, spec.max_region) for r in spec.regions]
+    recipe = ensure_synthetic_slide(spec, regions, progress=progress)
+    manifests: dict[str, dict] = {}
+    with open_slide(spec.slide_path) as reader:
+        for region in regions:
+            out = spec.out_dir / region.name
+            request = {
+                "region": asdict(region),
+                "mask_source": spec.mask_source,
+                "mask_path": None if spec.mask_path is None else str(spec.mask_path),
+                "classes": spec.classes,
+                "fit": spec.fit,
+                "pad_value": list(spec.pad_value),
+                "total_stride": total_stride,
+                "synthetic": recipe,
+            }
+            manifest_path = out / "manifest.json"
+            if manifest_path.exists():
+                old = read_manifest(manifest_path)
+                if old.get("request") == json.loads(json.dumps(request)):
+                    log.info("region %s is up to date in %s", region.name, out)
+                    manifests[region.name] = old
+                    continue
+            region_spec = RegionSpec(
+                x=region.x, y=region.y, width=region.width, height=region.height,
+                level=region.level if region.mpp is None else None, mpp=region.mpp,
+            )
+            extra = {"request": request, **spec.extra}
+            if recipe is not None:
+                extra["seed"] = recipe["seed"]
+            manifests[region.name] = prepare_region(
+                reader,
+                region_spec,
+                mask_source_for(spec, region),
+                out,
+                total_stride=total_stride,
+                fit=spec.fit,
+                pad_value=tuple(spec.pad_value),
+                extra_manifest=extra,
+                progress=progress,
+            )
+            log.info("prepared region %s in %s", region.name, out)
+    return manifests

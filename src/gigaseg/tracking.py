@@ -1,0 +1,218 @@
+"""MLflow tracking: the store, the run, flattened configs, tags for code and data versions.
+
+The only module besides the entry points that imports MLflow; training code talks to it
+through ``log_metrics`` / ``log_artifact`` and never sees MLflow itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import urllib.parse
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from gigaseg.errors import GigasegError
+
+log = logging.getLogger(__name__)
+
+#: MLflow rejects longer parameter values; longer ones are cut with a marker.
+_MAX_PARAM = 6000
+
+
+class TrackingError(GigasegError):
+    """The MLflow store cannot be used."""
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested mappings to dotted keys (``train.lr``) with string values."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, prefix=f"{name}."))
+        else:
+            text = str(value) if not isinstance(value, (list, tuple)) else str(list(value))
+            flat[name] = text if len(text) <= _MAX_PARAM else text[: _MAX_PARAM - 3] + "..."
+    return flat
+
+
+def check_tracking_store(uri: str) -> None:
+    """Fail now, not after an hour of training, when the store cannot be written or reached."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "sqlite":
+        db_path = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+        if db_path is not None:
+            folder = db_path.parent
+            if not folder.is_dir():
+                raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist; create it or set MLFLOW_TRACKING_URI")
+            if not os.access(folder, os.W_OK) or (db_path.exists() and not os.access(db_path, os.W_OK)):
+                raise TrackingError(f"MLflow store {uri} is not writable; choose a writable path with MLFLOW_TRACKING_URI")
+    previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # MLflow raises many kinds (connection, SQL, REST).
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(
+            f"MLflow store {uri} cannot be reached ({first}); start the server or set MLFLOW_TRACKING_URI"
+        ) from exc
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
+    mlflow.set_tracking_uri(uri)
+
+
+def git_state(root: Path) -> dict[str, str]:
+    """The commit of the code and whether the work tree had uncommitted changes."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {}
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"gigaseg.git_commit": commit, "gigaseg.git_dirty": str(bool(dirty))}
+
+
+def dvc_data_digest(dvc_file: Path, data_dir: Path) -> str | None:
+    """The md5 DVC records for ``data_dir`` in ``dvc_file``, if that file tracks it."""
+    if not dvc_file.is_file():
+        return None
+    import yaml
+
+    try:
+        spec = yaml.safe_load(dvc_file.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    for out in (spec or {}).get("outs", []):
+        tracked = (dvc_file.parent / out.get("path", "")).resolve()
+        if tracked == data_dir.resolve() or tracked in data_dir.resolve().parents:
+            return out.get("md5")
+    return None
+
+
+class MlflowRun:
+    """One MLflow run as a context manager: params and tags at start, status at the end.
+
+    With ``run_id`` it re-opens an existing run (to resume training into it).
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        *,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        params: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+        log_system_metrics: bool = False,
+        nested: bool = False,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.run_id = run_id
+        self.params = dict(params or {})
+        self.tags = dict(tags or {})
+        self.log_system_metrics = log_system_metrics
+        self.nested = nested
+        self._run = None
+
+    def __enter__(self) -> "MlflowRun":
+        import mlflow
+
+        check_tracking_store(self.tracking_uri)
+        # Under `mlflow run`, MLflow has already created the run and passes its id along.
+        if self.run_id is None and not self.nested and os.environ.get("MLFLOW_RUN_ID"):
+            self.run_id = os.environ["MLFLOW_RUN_ID"]
+        if self.run_id is None:
+            mlflow.set_experiment(self.experiment_name)
+        self._run = mlflow.start_run(
+            run_id=self.run_id,
+            run_name=self.run_name if self.run_id is None else None,
+            nested=self.nested,
+            log_system_metrics=self.log_system_metrics,
+        )
+        self.run_id = self._run.info.run_id
+        if self.tags:
+            mlflow.set_tags(self.tags)
+        if self.params:
+            existing = self._run.data.params
+            fresh = {k: v for k, v in self.params.items() if k not in existing}
+            # MLflow takes at most 100 params per call.
+            items = list(fresh.items())
+            for start in range(0, len(items), 100):
+                mlflow.log_params(dict(items[start : start + 100]))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import mlflow
+
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = "KILLED"
+        else:
+            status = "FAILED"
+        mlflow.end_run(status=status)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        import mlflow
+
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        import mlflow
+
+        mlflow.log_text(text, artifact_file)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        import mlflow
+
+        mlflow.set_tags(dict(tags))
+
+    def log_model(self, model, *, name: str = "model", metadata: Mapping[str, Any] | None = None) -> str:
+        """Log a Keras model with a uint8 image signature; returns the model URI."""
+        import keras
+        import mlflow
+        import mlflow.tensorflow
+        import tensorflow as tf
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import Schema, TensorSpec
+
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "image")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 1), "tissue")]),
+        )
+        # Explicit requirements spare MLflow loading the model in a subprocess to infer them.
+        requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
+        info = mlflow.tensorflow.log_model(
+            model,
+            name=name,
+            signature=signature,
+            pip_requirements=requirements,
+            metadata=dict(metadata or {}),
+        )
+        return info.model_uri

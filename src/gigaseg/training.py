@@ -1,0 +1,284 @@
+"""Training on whole regions: one optimizer step per region, batch size 1, no patches.
+
+``train`` takes plain arguments and returns numbers; it knows nothing of Hydra or MLflow.
+Metrics and files reach a tracker through the small ``RunLogger`` protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from gigaseg import sysinfo
+from gigaseg.checkpoint import LAST, load_checkpoint, restore, save_checkpoint
+from gigaseg.errors import ConfigError, GigasegError
+from gigaseg.evaluation import count
+from gigaseg.losses import LOSSES
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+TILING = ("auto", "always", "never")
+
+
+class TrainingDivergedError(GigasegError):
+    """The loss became NaN or infinite."""
+
+
+class RunLogger(Protocol):
+    """Where training sends its numbers and files (an MLflow run, or nothing)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    """The knobs of a training run (the ``train`` config group)."""
+
+    steps: int = 60
+    lr: float = 0.01
+    optimizer: str = "adam"
+    loss: str = "dice"
+    seed: int = 0
+    val_every: int = 10
+    threshold: float = 0.5
+    checkpoint_every: int = 10
+    tiled: str = "auto"
+    tile_size: int | None = None
+    memory_budget_mb: float | None = None
+    memory_fraction: float = 0.6
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid option."""
+        if self.steps <= 0:
+            raise ConfigError(f"train.steps must be positive, got {self.steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer '{self.optimizer}' is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"train.loss '{self.loss}' is unknown; choose one of {', '.join(LOSSES)}")
+        if self.val_every <= 0:
+            raise ConfigError(f"train.val_every must be positive, got {self.val_every}")
+        if self.checkpoint_every <= 0:
+            raise ConfigError(f"train.checkpoint_every must be positive, got {self.checkpoint_every}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"train.threshold must lie strictly between 0 and 1, got {self.threshold}")
+        if self.tiled not in TILING:
+            raise ConfigError(f"train.tiled '{self.tiled}' is unknown; choose one of {', '.join(TILING)}")
+        if self.tile_size is not None and self.tile_size <= 0:
+            raise ConfigError(f"train.tile_size must be positive, got {self.tile_size}")
+        if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
+            raise ConfigError(f"train.memory_budget_mb must be positive, got {self.memory_budget_mb}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ConfigError(f"train.memory_fraction must lie in (0, 1], got {self.memory_fraction}")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: final numbers, per-step history and where things were written."""
+
+    metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None
+    val_probability: np.ndarray | None = None
+    tiled: bool = False
+    tile_size: tuple[int, int] | None = None
+    model: Any = None
+
+
+def build_optimizer(name: str, lr: float):
+    """A Keras optimizer by name."""
+    import keras
+
+    choices = {
+        "adam": keras.optimizers.Adam,
+        "adamw": keras.optimizers.AdamW,
+        "sgd": keras.optimizers.SGD,
+        "rmsprop": keras.optimizers.RMSprop,
+    }
+    if name not in choices:
+        raise ConfigError(f"train.optimizer '{name}' is unknown; choose one of {', '.join(choices)}")
+    return choices[name](learning_rate=lr)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow, and make TensorFlow's ops deterministic."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(int(seed))
+    tf.config.experimental.enable_op_determinism()
+
+
+def _budget_bytes(config: TrainConfig) -> int:
+    from gigaseg.streaming import available_memory_bytes
+
+    if config.memory_budget_mb is not None:
+        return int(config.memory_budget_mb * 1024 * 1024)
+    return int(available_memory_bytes() * config.memory_fraction)
+
+
+def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig):
+    """Pick a plain whole-region step when it fits (it is faster), else the tiled engine.
+
+    Raises MemoryPlanError before anything large is allocated when neither can run.
+    """
+    from gigaseg.streaming import PlainEngine, TiledEngine, check_plain_step_fits, plan_tile_size
+
+    budget = _budget_bytes(config)
+    if config.tiled == "never":
+        check_plain_step_fits(model, region_shape[0], region_shape[1], budget)
+        return PlainEngine(model, loss=config.loss), None
+    plan = plan_tile_size(model, region_shape, budget_bytes=budget, tile_size=config.tile_size)
+    if config.tiled == "auto" and plan.plain_fits and config.tile_size is None:
+        return PlainEngine(model, loss=config.loss), None
+    log.info(
+        "tiled training: tiles of %s with halo %d, %d tiles per step, estimated peak %.0f MB (budget %.0f MB)",
+        plan.tile_size, plan.halo, plan.tiles, plan.estimated_peak_bytes / 2**20, plan.budget_bytes / 2**20,
+    )
+    return TiledEngine(model, loss=config.loss, tile_size=plan.tile_size, halo=plan.halo), plan
+
+
+def validate(model, image: np.ndarray, mask: np.ndarray, *, threshold: float, tile_size) -> tuple[float, np.ndarray]:
+    """Hard Dice of the model on a region, and the probabilities it predicted."""
+    from gigaseg.streaming import predict_tiled
+
+    probability = predict_tiled(model, image, tile_size=tile_size)
+    return count(probability, mask, threshold=threshold).scores()["dice"], probability
+
+
+def train(
+    model_kwargs: dict[str, Any],
+    train_image: np.ndarray,
+    train_mask: np.ndarray,
+    val_image: np.ndarray | None,
+    val_mask: np.ndarray | None,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: Path,
+    resume: Path | None = None,
+    logger: RunLogger | None = None,
+) -> TrainResult:
+    """Train ``build_unet(**model_kwargs)`` on one region, one optimizer step per pass.
+
+    ``train_image`` is H x W x 3 uint8 and ``train_mask`` H x W 0/1, numpy arrays or
+    memory maps; the validation pair may be None. Checkpoints go to ``checkpoint_dir``
+    every ``checkpoint_every`` steps and at the end; ``resume`` continues from one.
+    """
+    from tqdm.auto import tqdm
+
+    from gigaseg.model import build_unet
+
+    config.validate()
+    seed_everything(config.seed)
+    model = build_unet(**model_kwargs)
+    optimizer = build_optimizer(config.optimizer, config.lr)
+    optimizer.build(model.trainable_variables)
+    height, width = train_image.shape[:2]
+    engine, plan = choose_engine(model, (height, width), config)
+    tile_size = plan.tile_size if plan is not None else None
+    val_tile = tile_size or _val_tile_size(model, val_image, config)
+
+    history: list[dict[str, Any]] = []
+    start = 0
+    if resume is not None:
+        checkpoint = load_checkpoint(resume)
+        restore(checkpoint, model, optimizer)
+        start, history = checkpoint.step, checkpoint.history
+        log.info("resumed from %s at step %d", resume, start)
+    last_checkpoint = resume
+    checkpoint_dir = Path(checkpoint_dir)
+    mpx = height * width / 1e6
+    val_probability = None
+    val_dice = None
+
+    steps = tqdm(range(start, config.steps), total=config.steps, initial=start, desc="train", unit="step",
+                 disable=not config.progress)
+    for index in steps:
+        step = index + 1
+        sysinfo.reset_peak_rss()
+        t0 = time.perf_counter()
+        bar = None
+        progress = None
+        if plan is not None and plan.tiles > 1 and config.progress:
+            bar = tqdm(total=plan.tiles, desc=f"step {step} tiles", unit="tile", leave=False)
+            progress = lambda done, total: bar.update(done - bar.n)  # noqa: E731
+        result = engine.step(train_image, train_mask, progress=progress)
+        if bar is not None:
+            bar.close()
+        if not math.isfinite(result.loss):
+            where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+            raise TrainingDivergedError(
+                f"the loss became {result.loss} at step {step} (no update applied){where}; lower train.lr or check the data"
+            )
+        optimizer.apply_gradients(zip(result.gradients, model.trainable_variables))
+        step_time = time.perf_counter() - t0
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": result.loss,
+            "dice": result.dice,
+            "step_time_s": step_time,
+            "data_time_s": result.data_time_s,
+            "peak_rss_mb": sysinfo.peak_rss_mb(),
+            "mpx_per_s": mpx / step_time if step_time > 0 else float("nan"),
+            "tiles": result.tiles,
+        }
+        if val_image is not None and (step % config.val_every == 0 or step == config.steps):
+            val_dice, val_probability = validate(
+                model, val_image, val_mask, threshold=config.threshold, tile_size=val_tile
+            )
+            record["val_dice"] = val_dice
+        history.append(record)
+        if logger is not None:
+            logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
+        steps.set_postfix(loss=f"{result.loss:.4f}", dice=f"{result.dice:.3f}",
+                          **({"val": f"{val_dice:.3f}"} if val_dice is not None else {}))
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            last_checkpoint = save_checkpoint(checkpoint_dir / LAST, model, optimizer, step, history)
+            if logger is not None:
+                logger.log_artifact(last_checkpoint, "checkpoints")
+    steps.close()
+
+    if val_image is not None and val_probability is None:
+        val_dice, val_probability = validate(model, val_image, val_mask, threshold=config.threshold, tile_size=val_tile)
+    final = history[-1] if history else {}
+    metrics = {
+        "loss": float(final.get("loss", float("nan"))),
+        "dice": float(final.get("dice", float("nan"))),
+        "steps": float(config.steps),
+    }
+    if val_dice is not None:
+        metrics["val_dice"] = float(val_dice)
+    times = [h["step_time_s"] for h in history[1:]] or [h["step_time_s"] for h in history]
+    if times:
+        metrics["median_step_time_s"] = float(np.median(times))
+        metrics["max_peak_rss_mb"] = float(max(h["peak_rss_mb"] for h in history))
+    return TrainResult(
+        metrics=metrics,
+        history=history,
+        checkpoint=last_checkpoint,
+        val_probability=val_probability,
+        tiled=plan is not None,
+        tile_size=tile_size,
+        model=model,
+    )
+
+
+def _val_tile_size(model, image: np.ndarray | None, config: TrainConfig):
+    """Forward-only tiles for validation: the largest that the memory budget allows."""
+    from gigaseg.streaming import plan_tile_size
+
+    if image is None:
+        return None
+    plan = plan_tile_size(model, image.shape[:2], budget_bytes=_budget_bytes(config), tile_size=config.tile_size)
+    return plan.tile_size

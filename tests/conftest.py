@@ -1,0 +1,32 @@
+"""Shared test helpers: composing the real Hydra config with overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+
+# Keep TensorFlow quiet and single-threaded enough for a 2-core machine.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture
+def compose():
+    """Compose ``conf/config.yaml`` with overrides, as the entry points do."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import gigaseg.cli.common  # noqa: F401  (registers the project-root resolver)
+
+    def _compose(overrides=(), return_hydra_config=False):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+    yield _compose
+    GlobalHydra.instance().clear()

@@ -1,0 +1,69 @@
+"""Every config group option composes, and the composed config feeds the entry points."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "data", "train", "experiment", "debug"])
+def test_every_group_option_composes(compose, group):
+    options = _options(group)
+    assert options, f"conf/{group} has no options"
+    for option in options:
+        cfg = compose([f"{group}={option}"])
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        assert plain["model"]["strides"]
+        assert plain["train"]["steps"] > 0
+        assert str(plain["paths"]["root"]) == str(ROOT)
+
+
+def test_defaults_are_the_demo(compose):
+    cfg = compose()
+    assert cfg.model.name == "gigaunet"
+    assert cfg.data.name == "demo"
+    assert cfg.train.loss == "dice"
+    assert cfg.mlflow.tracking_uri.startswith("sqlite:///") or cfg.mlflow.tracking_uri
+    assert cfg.data.dir == str(ROOT / "data" / "demo")
+
+
+def test_tracking_uri_defaults_to_project_sqlite(compose, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert compose().mlflow.tracking_uri == f"sqlite:///{ROOT}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/elsewhere.db")
+    assert compose().mlflow.tracking_uri == "sqlite:////tmp/elsewhere.db"
+
+
+def test_paper_experiment_is_the_studys_region(compose):
+    cfg = compose(["experiment=paper"])
+    train = cfg.data.regions.train
+    assert (train.height, train.width, train.level) == (16000, 64000, 0)
+    assert cfg.model.name == "gigaunet"
+
+
+def test_smoke_shrinks_regions_and_steps(compose):
+    cfg = compose(["debug=smoke"])
+    assert list(cfg.data.max_region) == [256, 1024]
+    assert cfg.train.steps <= 5
+    assert "smoke" in cfg.data.dir
+
+
+def test_train_config_validation_names_the_option(compose):
+    from gigaseg.cli.train import train_config
+    from gigaseg.errors import ConfigError
+
+    plain = OmegaConf.to_container(compose(["train.steps=0"]).train, resolve=True)
+    with pytest.raises(ConfigError, match="train.steps"):
+        train_config(plain)
+    plain = OmegaConf.to_container(compose(["train.loss=hinge"]).train, resolve=True)
+    with pytest.raises(ConfigError, match="train.loss"):
+        train_config(plain)
+    plain = OmegaConf.to_container(compose(["+train.bogus=1"]).train, resolve=True)
+    with pytest.raises(ConfigError, match="train.bogus"):
+        train_config(plain)
