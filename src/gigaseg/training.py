@@ -17,7 +17,7 @@ import numpy as np
 
 from gigaseg import sysinfo
 from gigaseg.checkpoint import LAST, load_checkpoint, restore, save_checkpoint
-from gigaseg.errors import ConfigError, GigasegError
+from gigaseg.errors import ConfigError, GigasegError, MemoryPlanError
 from gigaseg.evaluation import count
 from gigaseg.losses import LOSSES
 
@@ -128,16 +128,38 @@ def _budget_bytes(config: TrainConfig) -> int:
     return int(available_memory_bytes() * config.memory_fraction)
 
 
+class PlainEngine:
+    """The whole region in one forward and backward pass (fastest when it fits in memory)."""
+
+    def __init__(self, model, *, loss: str) -> None:
+        self.model = model
+        self.loss = loss
+
+    def step(self, image: np.ndarray, mask: np.ndarray, *, progress=None):
+        from gigaseg.streaming import plain_step
+
+        t0 = time.perf_counter()
+        image = np.asarray(image)
+        mask = np.asarray(mask)
+        data_time = time.perf_counter() - t0
+        result = plain_step(self.model, image, mask, loss=self.loss)
+        result.data_time_s = data_time
+        return result
+
+
 def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig):
     """Pick a plain whole-region step when it fits (it is faster), else the tiled engine.
 
     Raises MemoryPlanError before anything large is allocated when neither can run.
     """
-    from gigaseg.streaming import PlainEngine, TiledEngine, check_plain_step_fits, plan_tile_size
+    from gigaseg.streaming import TiledEngine, check_plain_step_fits, plan_tile_size
 
     budget = _budget_bytes(config)
     if config.tiled == "never":
-        check_plain_step_fits(model, region_shape[0], region_shape[1], budget)
+        try:
+            check_plain_step_fits(model, region_shape[0], region_shape[1], budget)
+        except MemoryPlanError as exc:
+            raise MemoryPlanError(f"{exc} (train.tiled=auto does this when needed)") from exc
         return PlainEngine(model, loss=config.loss), None
     plan = plan_tile_size(model, region_shape, budget_bytes=budget, tile_size=config.tile_size)
     if config.tiled == "auto" and plan.plain_fits and config.tile_size is None:
@@ -149,11 +171,9 @@ def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig):
     return TiledEngine(model, loss=config.loss, tile_size=plan.tile_size, halo=plan.halo), plan
 
 
-def validate(model, image: np.ndarray, mask: np.ndarray, *, threshold: float, tile_size) -> tuple[float, np.ndarray]:
-    """Hard Dice of the model on a region, and the probabilities it predicted."""
-    from gigaseg.streaming import predict_tiled
-
-    probability = predict_tiled(model, image, tile_size=tile_size)
+def validate(engine, image: np.ndarray, mask: np.ndarray, *, threshold: float) -> tuple[float, np.ndarray]:
+    """Hard Dice of the model on a region (tiled forward passes), and the probabilities."""
+    probability = engine.predict(image)
     return count(probability, mask, threshold=threshold).scores()["dice"], probability
 
 
@@ -187,7 +207,13 @@ def train(
     height, width = train_image.shape[:2]
     engine, plan = choose_engine(model, (height, width), config)
     tile_size = plan.tile_size if plan is not None else None
-    val_tile = tile_size or _val_tile_size(model, val_image, config)
+    val_engine = None
+    if val_image is not None:
+        from gigaseg.streaming import TiledEngine
+
+        # One engine for every validation, so its compiled forward pass is reused.
+        val_tile = tile_size or _val_tile_size(model, val_image, config)
+        val_engine = TiledEngine(model, loss=config.loss, tile_size=val_tile)
 
     history: list[dict[str, Any]] = []
     start = 0
@@ -234,9 +260,7 @@ def train(
             "tiles": result.tiles,
         }
         if val_image is not None and (step % config.val_every == 0 or step == config.steps):
-            val_dice, val_probability = validate(
-                model, val_image, val_mask, threshold=config.threshold, tile_size=val_tile
-            )
+            val_dice, val_probability = validate(val_engine, val_image, val_mask, threshold=config.threshold)
             record["val_dice"] = val_dice
         history.append(record)
         if logger is not None:
@@ -250,7 +274,7 @@ def train(
     steps.close()
 
     if val_image is not None and val_probability is None:
-        val_dice, val_probability = validate(model, val_image, val_mask, threshold=config.threshold, tile_size=val_tile)
+        val_dice, val_probability = validate(val_engine, val_image, val_mask, threshold=config.threshold)
     final = history[-1] if history else {}
     metrics = {
         "loss": float(final.get("loss", float("nan"))),
