@@ -17,7 +17,7 @@ log = logging.getLogger("gigaseg.prepare")
 
 def dataset_spec(data: dict[str, Any]):
     """A DatasetSpec from the ``data`` config node."""
-    from gigaseg.prepare import DatasetSpec, RegionRequest, SyntheticRecipe
+    from gigaseg.dataset import DatasetSpec, RegionRequest, SyntheticRecipe
 
     try:
         slide = data["slide"]
@@ -45,7 +45,7 @@ def dataset_spec(data: dict[str, Any]):
 
 def run(cfg: DictConfig) -> dict[str, dict]:
     from gigaseg.model import total_stride
-    from gigaseg.prepare import prepare_dataset
+    from gigaseg.dataset import prepare_dataset
 
     plain = to_plain(cfg)
     spec = dataset_spec(plain["data"])

@@ -149,6 +149,7 @@ def run(cfg: DictConfig) -> float | None:
                     "gigaseg_threshold": config.threshold,
                 },
             )
+            tracked.set_tags({"gigaseg.model_uri": uri})
             log.info("model logged as %s", uri)
         log.info("final metrics: %s", json.dumps(result.metrics, sort_keys=True))
     return result.metrics.get("val_dice")

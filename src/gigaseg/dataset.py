@@ -142,7 +142,8 @@ def mask_source_for(spec: DatasetSpec, region: RegionRequest):
 
 def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = True) -> dict[str, dict]:
     """Prepare every region of ``spec``; regions already prepared from the same request are kept."""
-    from gigaseg.data import RegionSpec, prepare_region, read_manifest
+    from gigaseg.data import RegionSpec, prepare_region
+    from gigaseg.data.manifest import read_manifest
     from gigaseg.slides import open_slide
 
     spec.validate()
@@ -186,6 +187,7 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
                 pad_value=tuple(spec.pad_value),
                 extra_manifest=extra,
                 progress=progress,
+                slide_path=spec.slide_path,
             )
             log.info("prepared region %s in %s", region.name, out)
     return manifests

@@ -1,0 +1,139 @@
+"""The manifest of a prepared region: what was read, from where, and how, as canonical JSON.
+
+Nothing in it depends on when or where it was written (no timestamps, sorted keys), so a
+re-run with the same inputs writes the same bytes; DVC relies on that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import gigaseg
+from gigaseg.errors import RegionError
+
+MANIFEST_NAME = "manifest.json"
+IMAGE_NAME = "image.npy"
+MASK_NAME = "mask.npy"
+FORMAT_VERSION = 1
+
+#: Keys of the manifest that ``extra_manifest`` may not override.
+RESERVED_KEYS = frozenset(
+    {"format_version", "gigaseg_version", "slide", "region", "mask", "total_stride", "tissue_fraction", "files"}
+)
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 22) -> str:
+    """SHA-256 of a file, read in chunks so that multi-gigabyte slides need no memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_size)
+            if not block:
+                break
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """Turn numpy scalars, tuples and paths into JSON values; reject NaN and infinities."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"manifest value {value} is not a finite number")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"manifest value {value!r} of type {type(value).__name__} is not JSON-ready")
+
+
+def dumps(manifest: dict) -> str:
+    """Canonical JSON text: sorted keys, two-space indent, trailing newline."""
+    return json.dumps(_plain(manifest), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_manifest(path: str | Path, manifest: dict) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(dumps(manifest))
+
+
+def read_manifest(path: str | Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise RegionError(f"{path} is not a readable manifest ({exc}); re-run gigaseg-prepare") from exc
+    if not isinstance(manifest, dict):
+        raise RegionError(f"{path} does not hold a JSON object; re-run gigaseg-prepare")
+    return manifest
+
+
+def slide_facts(reader: Any, slide_path: str | Path | None) -> dict:
+    """Name, path, checksum and geometry of the slide a region was read from."""
+    path = Path(slide_path) if slide_path is not None else None
+    facts: dict[str, Any] = {
+        "name": path.name if path is not None else reader.name,
+        "path": str(path) if path is not None else None,
+        "sha256": file_sha256(path) if path is not None and path.is_file() else None,
+        "dimensions": list(reader.dimensions),
+        "level_count": reader.level_count,
+        "level_downsamples": [float(d) for d in reader.level_downsamples],
+        "mpp": None if reader.mpp is None else [float(v) for v in reader.mpp],
+    }
+    return facts
+
+
+def check_extra(extra: dict | None) -> dict:
+    """Return ``extra`` as JSON-ready values, refusing keys gigaseg writes itself."""
+    extra = dict(extra or {})
+    clash = sorted(RESERVED_KEYS & set(extra))
+    if clash:
+        raise ValueError(f"extra_manifest may not set {', '.join(clash)}: gigaseg writes those itself")
+    return _plain(extra)
+
+
+def build_manifest(
+    *,
+    slide: dict,
+    region: dict,
+    mask: dict,
+    total_stride: int,
+    tissue_fraction: float,
+    image_shape: tuple[int, ...],
+    mask_shape: tuple[int, ...],
+    extra: dict | None = None,
+) -> dict:
+    """Assemble the manifest; ``extra`` (e.g. ``{"seed": 3}``) is merged at the top level.
+
+    ``tissue_fraction`` is the share of mask pixels that are 1 over the whole fitted region,
+    padding included (padding is background).
+    """
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "gigaseg_version": gigaseg.__version__,
+        "slide": slide,
+        "region": region,
+        "mask": mask,
+        "total_stride": int(total_stride),
+        "tissue_fraction": float(tissue_fraction),
+        "files": {
+            "image": {"name": IMAGE_NAME, "shape": list(image_shape), "dtype": "uint8"},
+            "mask": {"name": MASK_NAME, "shape": list(mask_shape), "dtype": "uint8"},
+            "manifest": {"name": MANIFEST_NAME},
+        },
+    }
+    manifest.update(check_extra(extra))
+    manifest.setdefault("seed", None)
+    return manifest
