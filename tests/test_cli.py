@@ -29,6 +29,7 @@ def workspace(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_prepare_and_train_log_everything(workspace):
+    import mlflow
     import mlflow.pyfunc
     import mlflow.tensorflow
     from mlflow.tracking import MlflowClient
@@ -43,6 +44,7 @@ def test_smoke_prepare_and_train_log_everything(workspace):
     trained = _command("gigaseg-train", "debug=smoke", "train.lr=0.02", *common, env=env, cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
 
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("gigaseg").experiment_id])
     assert len(runs) == 1

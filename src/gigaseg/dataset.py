@@ -79,29 +79,56 @@ class DatasetSpec:
 
 
 def capped(region: RegionRequest, max_region: tuple[int, int] | None) -> RegionRequest:
-    """The region shrunk to at most ``max_region`` (height, width), keeping its origin."""
+    """The centre of the region, at most ``max_region`` (height, width) large.
+
+    The centre rather than the origin, since region corners often hold only background.
+    Offsets are kept to multiples of 64 level pixels, so level-0 origins stay aligned.
+    """
     if max_region is None:
         return region
-    height, width = (int(v) for v in max_region)
-    return RegionRequest(**{**asdict(region), "height": min(region.height, height), "width": min(region.width, width)})
+    height, width = min(region.height, int(max_region[0])), min(region.width, int(max_region[1]))
+    if region.level not in (0, None) or region.mpp is not None:
+        return RegionRequest(**{**asdict(region), "height": height, "width": width})
+    dy = (region.height - height) // 2 // 64 * 64
+    dx = (region.width - width) // 2 // 64 * 64
+    return RegionRequest(
+        **{**asdict(region), "x": region.x + dx, "y": region.y + dy, "height": height, "width": width}
+    )
 
 
-def synthetic_extent(recipe: SyntheticRecipe, regions: list[RegionRequest]) -> SyntheticRecipe:
-    """Shrink a synthetic slide to what level-0 regions need (used by shrunk debug runs)."""
+def shrunk_synthetic(
+    recipe: SyntheticRecipe, regions: list[RegionRequest], max_region: tuple[int, int]
+) -> tuple[SyntheticRecipe, list[RegionRequest]]:
+    """Scale a synthetic slide and its level-0 regions down so the regions fit ``max_region``.
+
+    Shrunk debug runs use this: a smaller slide from the same recipe is much faster to
+    generate than a large one, and its regions keep their place relative to the tissue.
+    """
     if any(r.level not in (0, None) or r.mpp is not None for r in regions):
-        return recipe
-    height = max(r.y + r.height for r in regions)
-    width = max(r.x + r.width for r in regions)
-    return SyntheticRecipe(**{**asdict(recipe), "height": min(recipe.height, height), "width": min(recipe.width, width)})
+        return recipe, [capped(r, max_region) for r in regions]
+    scale = min(
+        1.0, *(min(int(max_region[0]) / r.height, int(max_region[1]) / r.width) for r in regions)
+    )
+
+    def down(v: int) -> int:
+        return int(v * scale) // 64 * 64
+
+    scaled = [
+        RegionRequest(**{**asdict(r), "x": down(r.x), "y": down(r.y),
+                         "height": max(64, down(r.height)), "width": max(64, down(r.width))})
+        for r in regions
+    ]
+    height = max(down(recipe.height), max(r.y + r.height for r in scaled))
+    width = max(down(recipe.width), max(r.x + r.width for r in scaled))
+    return SyntheticRecipe(**{**asdict(recipe), "height": height, "width": width}), scaled
 
 
-def ensure_synthetic_slide(spec: DatasetSpec, regions: list[RegionRequest], *, progress: bool) -> dict | None:
+def ensure_synthetic_slide(spec: DatasetSpec, recipe: SyntheticRecipe | None, *, progress: bool) -> dict | None:
     """Generate the dataset's synthetic slide and truth mask unless the same recipe exists."""
     from gigaseg.slides.synthetic import write_synthetic_slide
 
-    if spec.synthetic is None:
+    if recipe is None:
         return None
-    recipe = spec.synthetic if spec.max_region is None else synthetic_extent(spec.synthetic, regions)
     recipe_file = spec.slide_path.with_name(spec.slide_path.name + ".recipe.json")
     wanted = json.dumps(asdict(recipe), sort_keys=True)
     mask_path = spec.mask_path if spec.mask_source == "synthetic" else None
@@ -147,8 +174,13 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
     from gigaseg.slides import open_slide
 
     spec.validate()
-    regions = [capped(r, spec.max_region) for r in spec.regions]
-    recipe = ensure_synthetic_slide(spec, regions, progress=progress)
+    recipe, regions = spec.synthetic, list(spec.regions)
+    if spec.max_region is not None:
+        if recipe is not None:
+            recipe, regions = shrunk_synthetic(recipe, regions, spec.max_region)
+        else:
+            regions = [capped(r, spec.max_region) for r in regions]
+    recipe = ensure_synthetic_slide(spec, recipe, progress=progress)
     manifests: dict[str, dict] = {}
     with open_slide(spec.slide_path) as reader:
         for region in regions:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,13 @@ def dataset_spec(data: dict[str, Any]):
 
 
 def run(cfg: DictConfig) -> dict[str, dict]:
-    from gigaseg.model import total_stride
     from gigaseg.dataset import prepare_dataset
 
     plain = to_plain(cfg)
     spec = dataset_spec(plain["data"])
-    return prepare_dataset(spec, total_stride=total_stride(plain["model"]["strides"]), progress=True)
+    # The product of the strides, without importing TensorFlow for it.
+    stride = math.prod(int(s) for s in plain["model"]["strides"])
+    return prepare_dataset(spec, total_stride=stride, progress=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
