@@ -1,0 +1,122 @@
+"""SlideReader over OpenSlide: every format OpenSlide opens (Aperio, generic TIFF, DICOM, ...).
+
+This is the only module that touches ``openslide``. Pixels outside the scanned area come
+back transparent from OpenSlide and are composited onto white here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import openslide
+
+from gigaseg.errors import SlideError
+from gigaseg.slides.base import SlideReader
+
+log = logging.getLogger(__name__)
+
+#: Microns per pixel outside this range is not a microscope scan: generic TIFF writers put
+#: screen resolutions (72 or 96 dpi, i.e. ~350 or ~265 um/px) in the tags by default.
+PLAUSIBLE_MPP = (0.01, 50.0)
+
+
+def _float_property(props: dict, key: str) -> float | None:
+    try:
+        value = float(props[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+class OpenSlideReader(SlideReader):
+    """A whole slide image opened with OpenSlide (``openslide-python`` + ``openslide-bin``)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.name = self.path.name
+        if not self.path.exists():
+            raise SlideError(f"no such slide file: {self.path}")
+        if self.path.is_dir():
+            raise SlideError(f"{self.path} is a folder, not a slide file; give the path of the slide itself")
+        try:
+            self._slide = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise SlideError(
+                f"{self.path} is not a slide OpenSlide can read ({exc}); "
+                "check the file is a whole slide image (SVS, TIFF, NDPI, MRXS, DICOM, ...)"
+            ) from exc
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"OpenSlide cannot open {self.path}: {exc}; the file may be corrupt or unsupported") from exc
+        props = dict(self._slide.properties)
+        self.vendor = props.get(openslide.PROPERTY_NAME_VENDOR)
+        self._dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
+        self._downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        mpp_x = _float_property(props, openslide.PROPERTY_NAME_MPP_X)
+        mpp_y = _float_property(props, openslide.PROPERTY_NAME_MPP_Y)
+        self._mpp: tuple[float, float] | None = None
+        if mpp_x is not None and mpp_y is not None:
+            if PLAUSIBLE_MPP[0] <= mpp_x <= PLAUSIBLE_MPP[1] and PLAUSIBLE_MPP[0] <= mpp_y <= PLAUSIBLE_MPP[1]:
+                self._mpp = (mpp_x, mpp_y)
+            else:
+                log.warning("%s: ignoring implausible resolution %.4g x %.4g um/px (not a microscope scan)",
+                            self.name, mpp_x, mpp_y)
+        self._power = _float_property(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+        self._closed = False
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._downsamples
+
+    @property
+    def mpp(self) -> tuple[float, float] | None:
+        return self._mpp
+
+    @property
+    def objective_power(self) -> float | None:
+        return self._power
+
+    @property
+    def properties(self) -> dict[str, str]:
+        """All of OpenSlide's properties of the slide (vendor metadata included)."""
+        self._check_open()
+        return dict(self._slide.properties)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SlideError(f"{self.name}: the slide is closed; open it again to read it")
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        self._check_open()
+        try:
+            image = self._slide.read_region(location, level, size)
+        except openslide.OpenSlideError as exc:
+            raise SlideError(
+                f"{self.name}: cannot read the region at level-0 (x={location[0]}, y={location[1]}) of "
+                f"{size[0]}x{size[1]} (w x h) at level {level}: {exc}; the slide file is probably corrupt"
+            ) from exc
+        rgba = np.asarray(image)
+        image.close()
+        rgb = rgba[..., :3]
+        alpha = rgba[..., 3]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgb)
+        # OpenSlide returns un-premultiplied RGBA; blank (unscanned) areas are transparent.
+        a = alpha.astype(np.uint16)[..., None]
+        out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+        return out.astype(np.uint8)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._slide.close()
+            self._closed = True
+
+    def __repr__(self) -> str:
+        return f"OpenSlideReader({str(self.path)!r})"
