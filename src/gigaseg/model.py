@@ -31,6 +31,7 @@ def build_unet(
     strides: Sequence[int] | int = (4, 4, 4),
     decoder_filters: Sequence[int] | int | None = None,
     activation: str = "relu",
+    input_range: Sequence[float] = (-1.0, 1.0),
     name: str = "gigaunet",
 ) -> keras.Model:
     """Build the U-Net as a Keras Functional model on RGB uint8 input of any size.
@@ -40,6 +41,10 @@ def build_unet(
     with the encoder feature of the same scale, the last with the input image itself.
     A 1x1 convolution with sigmoid gives the per-pixel tissue probability. Input height
     and width must be multiples of the total stride (the product of ``strides``).
+    ``input_range`` is the interval uint8 pixels are rescaled to inside the model. It is
+    centred, [-1, 1], by default: with [0, 1] the soft-Dice training of this small network
+    drifts to predicting tissue everywhere and saturates there (measured on the synthetic
+    demo regions; see the README).
     """
     filters = tuple(int(f) for f in filters)
     depth = len(filters)
@@ -61,8 +66,11 @@ def build_unet(
     except ValueError as exc:
         raise ConfigError(f"model.activation '{activation}' is not a Keras activation") from exc
 
+    low, high = (float(v) for v in input_range)
+    if not high > low:
+        raise ConfigError(f"model.input_range must be [low, high] with low < high, got {list(input_range)}")
     inputs = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
-    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    x = layers.Rescaling((high - low) / 255.0, offset=low, name="rescale")(inputs)
     skips = [x]
     for level, (f, k, s) in enumerate(zip(filters, kernels, strides)):
         x = layers.Conv2D(f, k, strides=s, padding="same", activation=activation, name=f"down{level + 1}")(x)

@@ -44,7 +44,7 @@ class TrainConfig:
     """The knobs of a training run (the ``train`` config group)."""
 
     steps: int = 60
-    lr: float = 0.01
+    lr: float = 0.005
     optimizer: str = "adam"
     loss: str = "dice"
     seed: int = 0

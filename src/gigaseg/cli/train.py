@@ -22,7 +22,7 @@ log = logging.getLogger("gigaseg.train")
 
 def model_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """The ``build_unet`` arguments of a ``model`` config node."""
-    keys = ("filters", "kernels", "strides", "decoder_filters", "activation", "name")
+    keys = ("filters", "kernels", "strides", "decoder_filters", "activation", "input_range", "name")
     unknown = sorted(set(model_cfg) - set(keys))
     if unknown:
         raise ConfigError(f"model config has unknown option(s) {', '.join('model.' + k for k in unknown)}")
