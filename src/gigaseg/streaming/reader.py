@@ -1,0 +1,107 @@
+"""Reading tile windows from (memory-mapped) regions, one tile ahead, without letting the region pile up in RSS.
+
+A memory-mapped region keeps every page it has touched mapped into the process, so a pass
+over a 16000x64000 region would end with its 4 GB of pixels counted in the resident set.
+After copying a window we tell the kernel we are done with those rows (``MADV_DONTNEED``):
+the pages stay in the page cache, a later read maps them again cheaply.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+try:
+    from numpy.lib.array_utils import byte_bounds as _byte_bounds
+except ImportError:  # numpy < 2
+    _byte_bounds = np.byte_bounds
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _madvise = _libc.madvise
+    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    _madvise.restype = ctypes.c_int
+except (OSError, AttributeError):  # not Linux/glibc: reading still works, pages just stay mapped
+    _madvise = None
+
+
+def release_rows(array: np.ndarray, top: int, bottom: int) -> None:
+    """Drop rows ``top:bottom`` of a shared memory map from this process's resident set.
+
+    Only shared mappings (numpy modes 'r', 'r+', 'w+') are released: their pages live on in
+    the page cache (and in the file). Copy-on-write maps ('c') and plain arrays are left alone.
+    """
+    if _madvise is None or not isinstance(array, np.memmap) or getattr(array, "mode", None) not in ("r", "r+", "w+"):
+        return
+    if bottom <= top:
+        return
+    low, high = _byte_bounds(array[top:bottom])
+    start = low - low % _PAGE
+    end = high + (-high) % _PAGE
+    _madvise(start, end - start, _MADV_DONTNEED)
+
+
+class WindowReader:
+    """Copies tile windows of an image (and tile cores of a mask) into contiguous arrays."""
+
+    def __init__(self, image: np.ndarray, mask: np.ndarray | None = None, *, release: bool = True):
+        self.image = image
+        self.mask = mask
+        self.release = release
+
+    def read(self, window: tuple[int, int, int, int], core: tuple[int, int, int, int] | None = None):
+        top, left, bottom, right = window
+        pixels = np.ascontiguousarray(self.image[top:bottom, left:right], dtype=np.uint8)
+        labels = None
+        if self.mask is not None and core is not None:
+            ct, cl, cb, cr = core
+            labels = np.ascontiguousarray(self.mask[ct:cb, cl:cr], dtype=np.uint8)
+        if self.release:
+            release_rows(self.image, top, bottom)
+            if labels is not None:
+                release_rows(self.mask, core[0], core[2])
+        return pixels, labels
+
+
+class Prefetcher:
+    """Runs ``load(item)`` for the next item in a background thread while the caller works on the current one.
+
+    ``wait_s`` adds up the time the caller spent blocked on a load, i.e. reading that the
+    prefetch did not hide.
+    """
+
+    def __init__(self, load: Callable[[T], R], enabled: bool = True):
+        self.load = load
+        self.enabled = enabled
+        self.wait_s = 0.0
+
+    def __call__(self, items: Iterable[T]) -> Iterator[tuple[T, R]]:
+        items = list(items)
+        if not items:
+            return
+        if not self.enabled:
+            for item in items:
+                start = time.perf_counter()
+                data = self.load(item)
+                self.wait_s += time.perf_counter() - start
+                yield item, data
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gigaseg-prefetch") as pool:
+            future = pool.submit(self.load, items[0])
+            for i, item in enumerate(items):
+                start = time.perf_counter()
+                data = future.result()
+                self.wait_s += time.perf_counter() - start
+                if i + 1 < len(items):
+                    future = pool.submit(self.load, items[i + 1])
+                yield item, data
