@@ -148,6 +148,119 @@ class PlainEngine:
 
 
 def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig):
+    """The tiled engine (exact, and on CPU faster than a plain step), or the plain Keras step.
+
+    ``train.tiled=never`` asks for the plain whole-region step; it is refused before anything
+    large is allocated when its memory estimate exceeds the budget.
+    """
+    from gigaseg.streaming import TiledEngine, check_plain_step_fits, plan_tile_size
+
+    budget = _budget_bytes(config)
+    if config.tiled == "never":
+        try:
+            check_plain_step_fits(model, region_shape[0], region_shape[1], budget)
+        except MemoryPlanError as exc:
+            raise MemoryPlanError(f"{exc} (train.tiled=auto does this when needed)") from exc
+        return PlainEngine(model, loss=config.loss), None
+    plan = plan_tile_size(model, region_shape, budget_bytes=budget, tile_size=config.tile_size)
+    log.info(
+        "tiled training: tiles of %s with halo %d, %d tiles per step, estimated peak %.0f MB (budget %.0f MB)",
+        plan.tile_size, plan.halo, plan.tiles, plan.estimated_peak_bytes / 2**20, plan.budget_bytes / 2**20,
+    )
+    return TiledEngine(model, loss=config.loss, tile_size=plan.tile_size, halo=plan.halo), plan
+
+
+def validate(self) -> None:
+        """Raise ConfigError naming the first invalid option."""
+        if self.steps <= 0:
+            raise ConfigError(f"train.steps must be positive, got {self.steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer '{self.optimizer}' is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"train.loss '{self.loss}' is unknown; choose one of {', '.join(LOSSES)}")
+        if self.val_every <= 0:
+            raise ConfigError(f"train.val_every must be positive, got {self.val_every}")
+        if self.checkpoint_every <= 0:
+            raise ConfigError(f"train.checkpoint_every must be positive, got {self.checkpoint_every}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"train.threshold must lie strictly between 0 and 1, got {self.threshold}")
+        if self.tiled not in TILING:
+            raise ConfigError(f"train.tiled '{self.tiled}' is unknown; choose one of {', '.join(TILING)}")
+        if self.tile_size is not None and self.tile_size <= 0:
+            raise ConfigError(f"train.tile_size must be positive, got {self.tile_size}")
+        if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
+            raise ConfigError(f"train.memory_budget_mb must be positive, got {self.memory_budget_mb}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ConfigError(f"train.memory_fraction must lie in (0, 1], got {self.memory_fraction}")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: final numbers, per-step history and where things were written."""
+
+    metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None
+    val_probability: np.ndarray | None = None
+    tiled: bool = False
+    tile_size: tuple[int, int] | None = None
+    model: Any = None
+
+
+def build_optimizer(name: str, lr: float):
+    """A Keras optimizer by name."""
+    import keras
+
+    choices = {
+        "adam": keras.optimizers.Adam,
+        "adamw": keras.optimizers.AdamW,
+        "sgd": keras.optimizers.SGD,
+        "rmsprop": keras.optimizers.RMSprop,
+    }
+    if name not in choices:
+        raise ConfigError(f"train.optimizer '{name}' is unknown; choose one of {', '.join(choices)}")
+    return choices[name](learning_rate=lr)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow, and make TensorFlow's ops deterministic."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(int(seed))
+    tf.config.experimental.enable_op_determinism()
+
+
+def _budget_bytes(config: TrainConfig) -> int:
+    from gigaseg.streaming import available_memory_bytes
+
+    if config.memory_budget_mb is not None:
+        return int(config.memory_budget_mb * 1024 * 1024)
+    return int(available_memory_bytes() * config.memory_fraction)
+
+
+class PlainEngine:
+    """The whole region in one forward and backward pass (fastest when it fits in memory)."""
+
+    def __init__(self, model, *, loss: str) -> None:
+        self.model = model
+        self.loss = loss
+
+    def step(self, image: np.ndarray, mask: np.ndarray, *, progress=None):
+        from gigaseg.streaming import plain_step
+
+        t0 = time.perf_counter()
+        image = np.asarray(image)
+        mask = np.asarray(mask)
+        data_time = time.perf_counter() - t0
+        result = plain_step(self.model, image, mask, loss=self.loss)
+        result.data_time_s = data_time
+        return result
+
+
+def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig):
     """Pick a plain whole-region step when it fits (it is faster), else the tiled engine.
 
     Raises MemoryPlanError before anything large is allocated when neither can run.
@@ -237,7 +350,7 @@ def train(
         bar = None
         progress = None
         if plan is not None and plan.tiles > 1 and config.progress:
-            bar = tqdm(total=plan.tiles, desc=f"step {step} tiles", unit="tile", leave=False)
+            bar = tqdm(total=plan.tiles * engine.passes, desc=f"step {step} tiles x passes", unit="tile", leave=False)
             progress = lambda done, total: bar.update(done - bar.n)  # noqa: E731
         result = engine.step(train_image, train_mask, progress=progress)
         if bar is not None:
