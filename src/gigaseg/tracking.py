@@ -122,6 +122,7 @@ class MlflowRun:
         tags: Mapping[str, str] | None = None,
         log_system_metrics: bool = False,
         nested: bool = False,
+        artifact_location: str | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
@@ -131,6 +132,7 @@ class MlflowRun:
         self.tags = dict(tags or {})
         self.log_system_metrics = log_system_metrics
         self.nested = nested
+        self.artifact_location = artifact_location
         self._run = None
 
     def __enter__(self) -> "MlflowRun":
@@ -141,6 +143,15 @@ class MlflowRun:
         if self.run_id is None and not self.nested and os.environ.get("MLFLOW_RUN_ID"):
             self.run_id = os.environ["MLFLOW_RUN_ID"]
         if self.run_id is None:
+            local = urllib.parse.urlparse(self.tracking_uri).scheme in ("sqlite", "file", "")
+            if (
+                self.artifact_location
+                and local
+                and mlflow.get_experiment_by_name(self.experiment_name) is None
+            ):
+                # A new experiment on a local store keeps its artifacts beside the store,
+                # not in whatever folder the command happened to start in.
+                mlflow.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
             mlflow.set_experiment(self.experiment_name)
         self._run = mlflow.start_run(
             run_id=self.run_id,

@@ -106,6 +106,7 @@ def run(cfg: DictConfig) -> float | None:
         params=params,
         tags=tags,
         log_system_metrics=bool(plain["mlflow"].get("log_system_metrics")),
+        artifact_location=plain["mlflow"].get("artifact_location"),
     ) as tracked:
         log.info("MLflow run %s in %s", tracked.run_id, tracking_uri)
         tracked.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
