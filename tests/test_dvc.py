@@ -77,3 +77,18 @@ def test_prepare_then_dvc_add_push_pull_round_trip(repo):
     shutil.rmtree(repo / ".dvc" / "cache")
     _dvc("pull", "-q", cwd=repo)
     assert _digests(data) == before
+
+
+@pytest.mark.slow
+def test_regenerated_demo_data_matches_the_committed_data_dvc(tmp_path):
+    """The demo data made on this machine has the digest the repository's data.dvc records."""
+    from conftest import ROOT
+
+    root = tmp_path / "clone"
+    root.mkdir()
+    _run("git", "init", "-q", cwd=root)
+    _dvc("init", "-q", cwd=root)
+    shutil.copy(ROOT / "data.dvc", root / "data.dvc")
+    env_overrides = [f"paths.data_dir={root}/data", f"hydra.run.dir={tmp_path}/out"]
+    _run(sys.executable, "-m", "gigaseg.cli.prepare", *env_overrides, cwd=tmp_path)
+    assert "up to date" in _dvc("status", "data.dvc", cwd=root).lower()
