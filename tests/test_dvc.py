@@ -91,4 +91,9 @@ def test_regenerated_demo_data_matches_the_committed_data_dvc(tmp_path):
     shutil.copy(ROOT / "data.dvc", root / "data.dvc")
     env_overrides = [f"paths.data_dir={root}/data", f"hydra.run.dir={tmp_path}/out"]
     _run(sys.executable, "-m", "gigaseg.cli.prepare", *env_overrides, cwd=tmp_path)
+    # A fresh clone has no DVC cache: committing hashes the workspace into it and would
+    # rewrite data.dvc if the digest differed. It must not.
+    committed = (root / "data.dvc").read_text()
+    _dvc("commit", "-f", "-q", "data.dvc", cwd=root)
+    assert (root / "data.dvc").read_text() == committed
     assert "up to date" in _dvc("status", "data.dvc", cwd=root).lower()

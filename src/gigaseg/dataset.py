@@ -198,7 +198,10 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
             manifest_path = out / "manifest.json"
             if manifest_path.exists():
                 old = read_manifest(manifest_path)
-                if old.get("request") == json.loads(json.dumps(request)):
+                from gigaseg.data.manifest import relative_paths
+
+                wanted = relative_paths({"request": json.loads(json.dumps(request))}, out)["request"]
+                if old.get("request") == wanted:
                     log.info("region %s is up to date in %s", region.name, out)
                     manifests[region.name] = old
                     continue

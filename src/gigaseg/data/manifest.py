@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,31 @@ def slide_facts(reader: Any, slide_path: str | Path | None) -> dict:
         "mpp": None if reader.mpp is None else [float(v) for v in reader.mpp],
     }
     return facts
+
+
+def relative_paths(manifest: Any, region_dir: Path) -> Any:
+    """Paths inside the region's dataset folder, written relative to the region folder.
+
+    A manifest must not depend on where the project was cloned: the same recipe prepared
+    in another checkout has to give the same bytes (DVC records their digest). Values of
+    keys ending in ``path`` that point into ``region_dir``'s parent become relative to
+    ``region_dir`` (``../slide.tiff``); paths elsewhere stay as given.
+    """
+    base = Path(region_dir).resolve().parent
+    if isinstance(manifest, dict):
+        out = {}
+        for key, value in manifest.items():
+            if isinstance(key, str) and key.endswith("path") and isinstance(value, str) and os.path.isabs(value):
+                resolved = Path(value).resolve()
+                if resolved == base or base in resolved.parents:
+                    value = os.path.relpath(resolved, Path(region_dir).resolve())
+            else:
+                value = relative_paths(value, region_dir)
+            out[key] = value
+        return out
+    if isinstance(manifest, list):
+        return [relative_paths(v, region_dir) for v in manifest]
+    return manifest
 
 
 def check_extra(extra: dict | None) -> dict:

@@ -20,6 +20,7 @@ from gigaseg.data.manifest import (
     build_manifest,
     check_extra,
     read_manifest,
+    relative_paths,
     slide_facts,
     write_manifest,
 )
@@ -168,6 +169,7 @@ def prepare_region(
             mask_shape=(height, width),
             extra=extra_manifest,
         )
+        manifest = relative_paths(manifest, out_dir)
         write_manifest(tmp / MANIFEST_NAME, manifest)
         _fsync_dir(tmp)
         old = None
