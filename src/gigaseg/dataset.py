@@ -145,7 +145,7 @@ def ensure_synthetic_slide(spec: DatasetSpec, recipe: SyntheticRecipe | None, *,
         seed=recipe.seed,
         mpp=recipe.mpp,
         tile_size=recipe.tile_size,
-        mask_path=spec.mask_path,
+        mask_path=mask_path,
         progress=progress,
     )
     recipe_file.write_text(wanted)
@@ -164,7 +164,9 @@ def mask_source_for(spec: DatasetSpec, region: RegionRequest):
         return GeoJSONMask(spec.mask_path, classes=spec.classes)
     if spec.mask_source == "image":
         return masks.MaskImage(region.mask_path)
-    return masks.BootstrapMask()
+    from gigaseg.data.bootstrap import BootstrapMask
+
+    return BootstrapMask()
 
 
 def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = True) -> dict[str, dict]:
