@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from gigaseg.atomic import atomic_path
 from gigaseg.errors import GigasegError
 
 LAST = "last.npz"
@@ -44,16 +44,10 @@ def save_checkpoint(path: Path, model, optimizer, step: int, history: list[dict]
         arrays[f"weight_{i:04d}"] = np.asarray(v.numpy())
     for i, v in enumerate(optimizer.variables):
         arrays[f"optimizer_{i:04d}"] = np.asarray(v.numpy())
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
     return path
 
 

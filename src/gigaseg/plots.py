@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-
-def _atomic_savefig(fig, path: Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from gigaseg.atomic import atomic_path
 
 
 def plot_curves(history: Sequence[dict], path: Path) -> Path:
@@ -45,7 +33,8 @@ def plot_curves(history: Sequence[dict], path: Path) -> Path:
     ax_dice.grid(alpha=0.3)
     ax_dice.legend(loc="lower right")
     fig.tight_layout()
-    _atomic_savefig(fig, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return Path(path)
 
@@ -77,13 +66,6 @@ def overlay_png(
         missed = (np.asarray(truth[::step, ::step]) > 0) & ~predicted
         red = np.array([230, 30, 30], np.float32)
         out[missed] = 0.4 * out[missed] + 0.6 * red
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import tempfile
@@ -60,15 +59,13 @@ def _resume_checkpoint(run_id: str, tracking_uri: str, into: Path) -> Path:
     return Path(path)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def run(cfg: DictConfig) -> float | None:
     """Train as the composed config says; returns the final validation Dice (for sweepers)."""
+    from gigaseg.atomic import atomic_path
     from gigaseg.data import load_region
+    from gigaseg.data.manifest import file_sha256
     from gigaseg.plots import overlay_png, plot_curves
-    from gigaseg.tracking import MlflowRun, check_tracking_store, dvc_data_digest, flatten_config, git_state
+    from gigaseg.tracking import MlflowRun, dvc_data_digest, flatten_config, git_state
     from gigaseg.training import train
 
     plain = to_plain(cfg)
@@ -76,7 +73,6 @@ def run(cfg: DictConfig) -> float | None:
     config = train_config(plain["train"])
     kwargs = model_kwargs(plain["model"])
     tracking_uri = plain["mlflow"]["tracking_uri"]
-    check_tracking_store(tracking_uri)
 
     data_dir = Path(plain["data"]["dir"])
     train_region = load_region(data_dir / "train")
@@ -87,7 +83,7 @@ def run(cfg: DictConfig) -> float | None:
     tags = {
         "gigaseg.overrides": " ".join(overrides) or "(none)",
         "gigaseg.data_dir": str(data_dir),
-        "gigaseg.train_manifest_sha256": _sha256(train_region.path / "manifest.json"),
+        "gigaseg.train_manifest_sha256": file_sha256(train_region.path / "manifest.json"),
         **git_state(root),
     }
     digest = dvc_data_digest(root / "data.dvc", data_dir)
@@ -136,7 +132,8 @@ def run(cfg: DictConfig) -> float | None:
                                   output_dir / "val_overlay.png", threshold=config.threshold)
             tracked.log_artifact(overlay, "plots")
         summary = {f"final_{k}": v for k, v in result.metrics.items()}
-        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        with atomic_path(output_dir / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
         tracked.log_metrics(summary, step=config.steps)
         if plain["train"].get("log_model", True):
             manifest = train_region.manifest
