@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
 
 
 def _command(name: str, *overrides: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:

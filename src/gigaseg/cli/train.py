@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from gigaseg.cli.common import config_dir, to_plain, user_errors
-from gigaseg.errors import ConfigError, GigasegError
+from gigaseg.errors import ConfigError
 
 log = logging.getLogger("gigaseg.train")
 

@@ -31,6 +31,7 @@ __all__ = [
     "loss_and_gradients",
     "model_geometry",
     "plain_loss_and_gradients",
+    "plain_step_bytes",
     "plain_step",
     "plan_tile_size",
     "plan_tiles",
