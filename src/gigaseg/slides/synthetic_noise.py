@@ -51,6 +51,19 @@ def rand2(ix: np.ndarray, iy: np.ndarray, seed: int) -> np.ndarray:
     return unit(hash2(ix, iy, seed))
 
 
+def cell_randoms(x0: int, y0: int, w: int, h: int, cs: float, seed: int, streams: int):
+    """Cells of size ``cs`` covering a rectangle with one cell of margin, and uniform values.
+
+    Returns the cell column and row indices (``gx``, ``gy``, 2-D) and ``streams`` arrays of
+    per-cell values in [0, 1), each from its own sub-seed: the same cell gets the same
+    values whichever tile asks.
+    """
+    cols = np.arange(int(np.floor(x0 / cs)) - 1, int(np.floor((x0 + w) / cs)) + 2)
+    rows = np.arange(int(np.floor(y0 / cs)) - 1, int(np.floor((y0 + h) / cs)) + 2)
+    gx, gy = np.meshgrid(cols, rows)
+    return gx, gy, [rand2(gx, gy, sub_seed(seed, k)) for k in range(streams)]
+
+
 def _quintic(t: np.ndarray) -> np.ndarray:
     return t * t * t * (t * (t * np.float32(6) - np.float32(15)) + np.float32(10))
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from gigaseg.slides.synthetic_layout import SyntheticLayout
-from gigaseg.slides.synthetic_noise import exp_neg, fbm, hash2, lattice_noise, rand2, smoothstep, sub_seed, to_u32
+from gigaseg.slides.synthetic_noise import cell_randoms, exp_neg, fbm, hash2, lattice_noise, smoothstep, sub_seed, to_u32
 from gigaseg.slides.synthetic_tissue import tissue_stains
 
 F32 = np.float32
@@ -67,10 +67,7 @@ def _add_dust(layout: SyntheticLayout, od: np.ndarray, x0: int, y0: int) -> None
     s = layout.scale
     cs = 140.0 * s
     seed = sub_seed(layout.seed, 300)
-    cols = np.arange(int(np.floor(x0 / cs)) - 1, int(np.floor((x0 + w) / cs)) + 2)
-    rows = np.arange(int(np.floor(y0 / cs)) - 1, int(np.floor((y0 + h) / cs)) + 2)
-    gx, gy = np.meshgrid(cols, rows)
-    r = [rand2(gx, gy, sub_seed(seed, k)) for k in range(5)]
+    gx, gy, r = cell_randoms(x0, y0, w, h, cs, seed, 5)
     present = r[0] < F32(0.035)
     if not present.any():
         return

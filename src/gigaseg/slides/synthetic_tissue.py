@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from gigaseg.slides.synthetic_layout import GRID_PAD, GRID_STEP, SyntheticLayout
-from gigaseg.slides.synthetic_noise import fbm, lattice_noise, noise_at, rand2, smoothstep, sub_seed
+from gigaseg.slides.synthetic_noise import cell_randoms, fbm, lattice_noise, noise_at, rand2, smoothstep, sub_seed
 
 F32 = np.float32
 
@@ -196,10 +196,7 @@ def _lumen_blobs(layout: SyntheticLayout, x0: int, y0: int, w: int, h: int) -> n
     s = layout.scale
     cs = 360.0 * s
     seed = sub_seed(layout.seed, 70)
-    cols = np.arange(int(np.floor(x0 / cs)) - 1, int(np.floor((x0 + w) / cs)) + 2)
-    rows = np.arange(int(np.floor(y0 / cs)) - 1, int(np.floor((y0 + h) / cs)) + 2)
-    gx, gy = np.meshgrid(cols, rows)
-    r = [rand2(gx, gy, sub_seed(seed, k)) for k in range(5)]
+    gx, gy, r = cell_randoms(x0, y0, w, h, cs, seed, 5)
     b = (F32(18) + F32(55) * r[2] * r[2]) * F32(s)
     a = np.minimum(b * (F32(1) + F32(1.6) * r[3]), F32(0.4 * cs))
     px = ((gx + 0.5) * cs).astype(F32) + (r[0] - F32(0.5)) * (F32(cs) - F32(2) * a)
