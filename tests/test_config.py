@@ -38,6 +38,12 @@ def test_tracking_uri_defaults_to_project_sqlite(compose, monkeypatch):
     assert compose().mlflow.tracking_uri == f"sqlite:///{ROOT}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/elsewhere.db")
     assert compose().mlflow.tracking_uri == "sqlite:////tmp/elsewhere.db"
+    # Artifacts follow the store, so a run against another database writes nothing here.
+    assert compose().mlflow.artifact_location == "/tmp/mlartifacts"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert compose().mlflow.artifact_location is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert compose().mlflow.artifact_location == f"{ROOT}/mlartifacts"
 
 
 def test_paper_experiment_is_the_studys_region(compose):

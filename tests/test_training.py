@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from gigaseg.checkpoint import load_checkpoint
 from gigaseg.errors import ConfigError, MemoryPlanError
-from gigaseg.training import TrainConfig, train
+from gigaseg.training import TrainConfig, learning_rate, train
 
 
 class Recorder:
@@ -89,6 +92,48 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     np.testing.assert_allclose(
         [h["loss"] for h in resumed.history], [h["loss"] for h in full.history], rtol=1e-6
     )
+    for a, b in zip(resumed.model.get_weights(), full.model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_learning_rate_warms_up_then_decays():
+    config = TrainConfig(steps=10, lr=0.01, lr_schedule="cosine", warmup_steps=4)
+    schedule = learning_rate(config)
+    rates = [float(schedule(i)) for i in range(10)]
+    np.testing.assert_allclose(rates[:5], [0.002, 0.004, 0.006, 0.008, 0.01], rtol=1e-6)
+    assert all(a > b for a, b in zip(rates[4:], rates[5:]))
+    assert rates[-1] < 0.001
+    constant = learning_rate(TrainConfig(steps=10, lr=0.01, warmup_steps=2))
+    np.testing.assert_allclose([float(constant(i)) for i in range(6)], [0.01 / 3, 0.02 / 3, 0.01, 0.01, 0.01, 0.01], rtol=1e-6)
+    assert learning_rate(TrainConfig(steps=10, lr=0.01)) == 0.01
+
+
+class KeepFirstCheckpoint:
+    """A run logger that keeps a copy of the first checkpoint the run writes (as if it were killed then)."""
+
+    def __init__(self, into: Path) -> None:
+        self.into = into
+
+    def log_metrics(self, metrics, step):
+        pass
+
+    def log_artifact(self, path, artifact_path=None):
+        if not self.into.exists():
+            shutil.copy(path, self.into)
+
+
+def test_resume_in_the_middle_of_a_schedule_matches_an_uninterrupted_run(tmp_path):
+    image, mask = blobs(128, 512, seed=8)
+    config = TrainConfig(steps=6, lr=0.02, lr_schedule="cosine", warmup_steps=2, val_every=100, checkpoint_every=3,
+                         progress=False)
+    step3 = tmp_path / "step3.npz"
+    full = train(SMALL, image, mask, None, None, config, checkpoint_dir=tmp_path / "full",
+                 logger=KeepFirstCheckpoint(step3))
+    assert load_checkpoint(step3).step == 3
+    resumed = train(SMALL, image, mask, None, None, config, checkpoint_dir=tmp_path / "resumed", resume=step3)
+    assert [h["step"] for h in resumed.history] == list(range(1, 7))
+    # Same learning rates after the resume: the optimizer's iteration count came back with it.
+    np.testing.assert_allclose([h["loss"] for h in resumed.history], [h["loss"] for h in full.history], rtol=1e-6)
     for a, b in zip(resumed.model.get_weights(), full.model.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 

@@ -24,6 +24,7 @@ from gigaseg.losses import LOSSES
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("constant", "cosine")
 TILING = ("auto", "always", "never")
 
 
@@ -45,6 +46,8 @@ class TrainConfig:
 
     steps: int = 60
     lr: float = 0.005
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     optimizer: str = "adam"
     loss: str = "dice"
     seed: int = 0
@@ -63,6 +66,10 @@ class TrainConfig:
             raise ConfigError(f"train.steps must be positive, got {self.steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"train.lr_schedule '{self.lr_schedule}' is unknown; choose one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            raise ConfigError(f"train.warmup_steps must lie in [0, train.steps), got {self.warmup_steps}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"train.optimizer '{self.optimizer}' is unknown; choose one of {', '.join(OPTIMIZERS)}")
         if self.loss not in LOSSES:
@@ -96,8 +103,27 @@ class TrainResult:
     model: Any = None
 
 
-def build_optimizer(name: str, lr: float):
-    """A Keras optimizer by name."""
+def learning_rate(config: TrainConfig):
+    """The learning rate or schedule: linear warm-up, then constant or cosine decay to 0.
+
+    With ``w`` warm-up steps, step ``i`` (from 1) uses ``lr * i / (w + 1)`` for ``i <= w``.
+    """
+    import keras
+
+    if config.lr_schedule == "constant" and config.warmup_steps == 0:
+        return config.lr
+    # alpha=1 keeps the rate constant after the warm-up.
+    cosine = config.lr_schedule == "cosine"
+    decay, alpha = (config.steps - config.warmup_steps, 0.0) if cosine else (1, 1.0)
+    if config.warmup_steps == 0:
+        return keras.optimizers.schedules.CosineDecay(config.lr, decay, alpha=alpha)
+    return keras.optimizers.schedules.CosineDecay(
+        config.lr / (config.warmup_steps + 1), decay, alpha=alpha, warmup_target=config.lr, warmup_steps=config.warmup_steps
+    )
+
+
+def build_optimizer(name: str, lr):
+    """A Keras optimizer by name (``lr``: a number or a Keras schedule)."""
     import keras
 
     choices = {
@@ -201,7 +227,7 @@ def train(
     config.validate()
     seed_everything(config.seed)
     model = build_unet(**model_kwargs)
-    optimizer = build_optimizer(config.optimizer, config.lr)
+    optimizer = build_optimizer(config.optimizer, learning_rate(config))
     optimizer.build(model.trainable_variables)
     height, width = train_image.shape[:2]
     engine, plan = choose_engine(model, (height, width), config)

@@ -29,8 +29,21 @@ def config_dir() -> str:
     return str(project_root() / "conf")
 
 
+def artifacts_beside_store(tracking_uri: str) -> str | None:
+    """``mlartifacts/`` beside a local SQLite store's file; None (MLflow's default) for other stores."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    database = tracking_uri[len(prefix):]
+    if not database or database == ":memory:":
+        return None
+    return str(Path(database).resolve().parent / "mlartifacts")
+
+
 if not OmegaConf.has_resolver("gigaseg_project_root"):
     OmegaConf.register_new_resolver("gigaseg_project_root", lambda: str(project_root()))
+if not OmegaConf.has_resolver("gigaseg_artifacts_beside"):
+    OmegaConf.register_new_resolver("gigaseg_artifacts_beside", artifacts_beside_store)
 
 
 def to_plain(cfg: Any) -> Any:

@@ -10,7 +10,8 @@ import shlex
 import subprocess
 import sys
 
-APPS = {"prepare": "gigaseg.cli.prepare", "train": "gigaseg.cli.train"}
+APPS = {"prepare": "gigaseg.cli.prepare", "train": "gigaseg.cli.train", "predict": "gigaseg.cli.predict",
+        "evaluate": "gigaseg.cli.evaluate"}
 PIPELINES = {"main": ("prepare", "train"), **{name: (name,) for name in APPS}}
 
 
