@@ -133,3 +133,17 @@ def test_tiled_step_is_exact_at_the_issue_sizes(model, shape, loss):
         engine.tile_size = (tile_size, tile_size)
         result = engine.step(image, mask)
         assert_exact(result.loss, result.gradients, reference_loss, reference)
+
+
+def test_a_float64_copy_of_the_model_steps_tiled_to_float64_precision(model):
+    # The Keras path of the engine follows the model's precision, so a float64 copy gives a
+    # float64 tiled reference for regions too large for a float64 plain step.
+    from gigaseg.streaming.reference import float64_copy
+
+    image, mask = tissue_region(256, 512, seed=11)
+    loss, grads = plain_loss_and_gradients(model, image, mask, loss="dice_bce", dtype="float64")
+    result = TiledEngine(float64_copy(model), loss="dice_bce", tile_size=128, fast=False).step(image, mask)
+    assert abs(result.loss - loss) <= 1e-12 * abs(loss)
+    for tiled, plain in zip(result.gradients, grads):
+        assert tiled.dtype == np.float64
+        np.testing.assert_allclose(tiled, plain, rtol=0, atol=1e-12 * np.max(np.abs(plain)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import keras
 import numpy as np
@@ -22,7 +22,7 @@ from gigaseg.errors import MaskError
 from gigaseg.losses import bce_pixels, check_loss_name, dice_pixel_weights, hard_counts, hard_dice, loss_from_sums
 from gigaseg.streaming.fastpath import SpaceToDepthUNet
 from gigaseg.streaming.geometry import model_geometry
-from gigaseg.streaming.plan import TilePlan, as_tile_shape, check_region_shape, plan_tiles
+from gigaseg.streaming.plan import Tile, TilePlan, as_tile_shape, check_region_shape, plan_tiles
 from gigaseg.streaming.reader import Prefetcher, WindowReader, release_rows
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ Progress = Callable[[int, int], None]
 _WINDOW = tf.TensorSpec((None, None, 3), tf.uint8)
 _CORE_MASK = tf.TensorSpec((None, None), tf.uint8)
 _OFFSET = tf.TensorSpec((2,), tf.int32)
-_SCALAR = tf.TensorSpec((), tf.float32)
+_SCALAR = tf.TensorSpec((), tf.float64)
 
 
 @dataclass
@@ -136,14 +136,15 @@ class TiledEngine:
 
     def _tile_gradients(self, window, core_mask, offset, weight_background, weight_tissue, bce_scale):
         labels = self._core_labels(core_mask)
-        y = tf.cast(labels, tf.float32)
         with tf.GradientTape() as tape:
             p = self._core_probabilities(window, offset, tf.shape(core_mask), training=True)
+            # The model's own precision (float32, or float64 for a reference copy of it).
+            y = tf.cast(labels, p.dtype)
             # dL/dp per pixel from the region sums; constants here, so this is the surrogate.
-            weights = weight_background + (weight_tissue - weight_background) * y
+            weights = tf.cast(weight_background + (weight_tissue - weight_background) * tf.cast(labels, tf.float64), p.dtype)
             surrogate = tf.reduce_sum(weights * p)
             if self.loss != "dice":
-                surrogate += bce_scale * tf.reduce_sum(bce_pixels(p, y))
+                surrogate += tf.cast(bce_scale, p.dtype) * tf.reduce_sum(bce_pixels(p, y))
         grads = tape.gradient(surrogate, self.model.trainable_variables)
         return grads, self._sums(tf.stop_gradient(p), labels)
 
@@ -200,7 +201,7 @@ class TiledEngine:
         bce_scale = 0.0 if self.loss == "dice" else 1.0 / n
 
         backward_sums = np.zeros(6, np.float64)
-        args = (tf.constant(weight_background, tf.float32), tf.constant(weight_tissue, tf.float32), tf.constant(bce_scale, tf.float32))
+        args = (tf.constant(weight_background, tf.float64), tf.constant(weight_tissue, tf.float64), tf.constant(bce_scale, tf.float64))
         for tile, (pixels, labels) in fetch(plan):
             grads, tile_sums = self._grad_fn(pixels, labels, tf.constant(tile.core_offset, tf.int32), *args)
             for total_grad, grad in zip(gradients, grads):
@@ -238,11 +239,9 @@ class TiledEngine:
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {region_shape}")
         plan = self.plan(region_shape)
         reader = WindowReader(image)
-        fetch = Prefetcher(lambda tile: reader.read(tile.window)[0], enabled=self.prefetch)
-        for tile, pixels in fetch(plan):
+        for tile, core in predict_tiles(self, plan, lambda tile: reader.read(tile.window)[0]):
             top, left, bottom, right = tile.core
-            core = self._predict_fn(pixels, tf.constant(tile.core_offset, tf.int32), tf.constant(tile.core_shape, tf.int32))
-            out[top:bottom, left:right] = core.numpy()
+            out[top:bottom, left:right] = core
             if tile.col == plan.grid[1] - 1:
                 # The whole band of rows is written; let it leave the resident set.
                 release_rows(out, top, bottom)
@@ -266,6 +265,26 @@ def loss_and_gradients(
     """
     result = TiledEngine(model, loss=loss, tile_size=tile_size, halo=halo).step(image, mask)
     return result.loss, result.gradients
+
+
+def predict_tiles(
+    engine: TiledEngine,
+    plan: TilePlan,
+    load: Callable[[Tile], np.ndarray],
+    *,
+    readers: int = 1,
+) -> Iterator[tuple[Tile, np.ndarray]]:
+    """Forward only: yield every tile of ``plan`` (row-major) with the float32 probabilities of its core.
+
+    ``load(tile)`` returns the tile's window (``tile.window`` of the region) as an h x w x 3
+    uint8 array; it runs in ``readers`` background threads while the model computes (with
+    ``engine.prefetch`` off, in the caller's thread). Callers assemble cores into whatever
+    they write, so a whole region never needs to be in memory.
+    """
+    fetch = Prefetcher(load, enabled=engine.prefetch, workers=readers)
+    for tile, pixels in fetch(plan):
+        core = engine._predict_fn(pixels, tf.constant(tile.core_offset, tf.int32), tf.constant(tile.core_shape, tf.int32))
+        yield tile, core.numpy()
 
 
 def predict_tiled(
