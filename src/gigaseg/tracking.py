@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import subprocess
 import urllib.parse
 from pathlib import Path
@@ -108,7 +109,9 @@ def dvc_data_digest(dvc_file: Path, data_dir: Path) -> str | None:
 class MlflowRun:
     """One MLflow run as a context manager: params and tags at start, status at the end.
 
-    With ``run_id`` it re-opens an existing run (to resume training into it).
+    With ``run_id`` it re-opens an existing run (to resume training into it); metrics the
+    run already holds at a step are then not logged again at that step. With
+    ``parent_run_id`` the run is a child of that run (a job of a sweep), in its experiment.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class MlflowRun:
         tags: Mapping[str, str] | None = None,
         log_system_metrics: bool = False,
         nested: bool = False,
+        parent_run_id: str | None = None,
         artifact_location: str | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
@@ -131,9 +135,12 @@ class MlflowRun:
         self.params = dict(params or {})
         self.tags = dict(tags or {})
         self.log_system_metrics = log_system_metrics
-        self.nested = nested
+        self.parent_run_id = parent_run_id
+        self.nested = nested or parent_run_id is not None
         self.artifact_location = artifact_location
         self._run = None
+        # (metric, step) pairs a re-opened run already holds: never logged twice.
+        self._logged: dict[str, set[int]] = {}
 
     def __enter__(self) -> "MlflowRun":
         import mlflow
@@ -142,7 +149,10 @@ class MlflowRun:
         # Under `mlflow run`, MLflow has already created the run and passes its id along.
         if self.run_id is None and not self.nested and os.environ.get("MLFLOW_RUN_ID"):
             self.run_id = os.environ["MLFLOW_RUN_ID"]
-        if self.run_id is None:
+        experiment_id = None
+        if self.run_id is None and self.parent_run_id is not None:
+            experiment_id = mlflow.get_run(self.parent_run_id).info.experiment_id
+        elif self.run_id is None:
             local = urllib.parse.urlparse(self.tracking_uri).scheme in ("sqlite", "file", "")
             if (
                 self.artifact_location
@@ -153,13 +163,21 @@ class MlflowRun:
                 # not in whatever folder the command happened to start in.
                 mlflow.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
             mlflow.set_experiment(self.experiment_name)
+        reopened = self.run_id is not None
         self._run = mlflow.start_run(
             run_id=self.run_id,
+            experiment_id=experiment_id,
             run_name=self.run_name if self.run_id is None else None,
             nested=self.nested,
+            parent_run_id=self.parent_run_id if self.run_id is None else None,
             log_system_metrics=self.log_system_metrics,
         )
         self.run_id = self._run.info.run_id
+        if reopened:
+            client = mlflow.tracking.MlflowClient()
+            self._logged = {
+                key: {m.step for m in client.get_metric_history(self.run_id, key)} for key in self._run.data.metrics
+            }
         if self.tags:
             mlflow.set_tags(self.tags)
         if self.params:
@@ -185,7 +203,11 @@ class MlflowRun:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         import mlflow
 
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        clean = {
+            k: float(v)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v)) and step not in self._logged.get(k, ())
+        }
         if clean:
             mlflow.log_metrics(clean, step=step)
 
@@ -227,3 +249,149 @@ class MlflowRun:
             metadata=dict(metadata or {}),
         )
         return info.model_uri
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id_for(tracking_uri: str, experiment_name: str, artifact_location: str | None = None) -> str:
+    """The id of the experiment named ``experiment_name``, created (artifacts beside a local store) if missing."""
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    local = urllib.parse.urlparse(tracking_uri).scheme in ("sqlite", "file", "")
+    return client.create_experiment(experiment_name, artifact_location=artifact_location if local else None)
+
+
+def start_parent_run(
+    tracking_uri: str,
+    experiment_name: str,
+    *,
+    run_id: str | None = None,
+    run_name: str | None = None,
+    params: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None,
+    artifact_location: str | None = None,
+) -> str:
+    """Create the parent run of a sweep (or adopt ``run_id``); it stays RUNNING until ``end_parent_run``.
+
+    The run is created through the client, not made active, so the sweep's jobs can start
+    their own runs in this process (basic launcher) or in workers (joblib).
+    """
+    from mlflow.entities import Param, RunTag
+
+    check_tracking_store(tracking_uri)
+    client = _client(tracking_uri)
+    if run_id is None:
+        experiment_id = experiment_id_for(tracking_uri, experiment_name, artifact_location)
+        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+    existing = client.get_run(run_id).data.params
+    fresh = [Param(k, v) for k, v in flatten_config(dict(params or {})).items() if k not in existing]
+    for start in range(0, len(fresh), 100):
+        client.log_batch(run_id, params=fresh[start : start + 100])
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+    return run_id
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> list:
+    """The runs nested under ``parent_run_id``, oldest first."""
+    client = _client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    return client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+def end_parent_run(
+    tracking_uri: str,
+    parent_run_id: str,
+    *,
+    metric: str = "val_dice",
+    files: tuple[Path, ...] | list[Path] = (),
+    terminate: bool = True,
+) -> dict[str, Any]:
+    """Summarise a sweep in its parent run (best child by ``metric``, job count, files) and end it."""
+    client = _client(tracking_uri)
+    children = child_runs(tracking_uri, parent_run_id)
+    scored = [(r.data.metrics[metric], r) for r in children if metric in r.data.metrics]
+    summary: dict[str, Any] = {"jobs": len(children)}
+    tags = {"gigaseg.sweep_jobs": str(len(children))}
+    if scored:
+        best_value, best = max(scored, key=lambda item: item[0])
+        summary.update(best_run_id=best.info.run_id, best_value=best_value)
+        tags.update({"gigaseg.best_run_id": best.info.run_id, "gigaseg.best_overrides": best.data.tags.get("gigaseg.overrides", "")})
+        client.log_metric(parent_run_id, f"best_{metric}", float(best_value), step=0)
+    for key, value in tags.items():
+        client.set_tag(parent_run_id, key, value)
+    for path in files:
+        if Path(path).is_file():
+            client.log_artifact(parent_run_id, str(path), artifact_path="sweep")
+    if terminate:
+        client.set_terminated(parent_run_id, "FINISHED")
+    return summary
+
+
+def process_tags() -> dict[str, str]:
+    """The host and process id of this run, so that ``find_resumable_run`` can skip live runs."""
+    return {"gigaseg.host": socket.gethostname(), "gigaseg.pid": str(os.getpid())}
+
+
+def _alive_here(tags: Mapping[str, str]) -> bool:
+    if tags.get("gigaseg.host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(tags.get("gigaseg.pid", "")), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def find_resumable_run(tracking_uri: str, experiment_name: str, config_hash: str) -> str | None:
+    """The newest unfinished run of this config (killed, failed or interrupted), or None.
+
+    A run still RUNNING whose process lives on this host is someone else's live run and is skipped.
+    """
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`gigaseg.config_hash` = '{config_hash}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in runs:
+        if run.info.status == "FINISHED":
+            continue
+        if run.info.status == "RUNNING" and _alive_here(run.data.tags):
+            continue
+        return run.info.run_id
+    return None
+
+
+def run_info(tracking_uri: str, run_id: str):
+    """The MLflow run ``run_id`` (info, params, tags, metrics), or raise TrackingError."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client(tracking_uri).get_run(run_id)
+    except MlflowException as exc:
+        raise TrackingError(f"no MLflow run {run_id} in {tracking_uri}; check the run id") from exc
+
+
+def download_artifact(tracking_uri: str, run_id: str, path: str, into: Path) -> Path | None:
+    """Download one artifact of a run into ``into``; None when the run has no such artifact."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(_client(tracking_uri).download_artifacts(run_id, path, str(into)))
+    except (MlflowException, OSError):
+        return None

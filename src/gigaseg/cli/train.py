@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import tempfile
@@ -42,21 +43,86 @@ def train_config(train_cfg: dict[str, Any]):
     return config
 
 
-def _resume_checkpoint(run_id: str, tracking_uri: str, into: Path) -> Path:
-    """Download the last checkpoint of an MLflow run."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+def config_hash(params: dict[str, str], data_digests: list[str]) -> str:
+    """What makes two runs the same experiment: model, data and train options and the data's digests.
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        client.get_run(run_id)
-    except MlflowException as exc:
-        raise ConfigError(f"train.resume={run_id}: no such MLflow run in {tracking_uri}") from exc
-    try:
-        path = client.download_artifacts(run_id, "checkpoints/last.npz", str(into))
-    except (MlflowException, OSError) as exc:
-        raise ConfigError(f"train.resume={run_id}: the run has no checkpoint to resume from") from exc
-    return Path(path)
+    Folders and file paths are left out (the manifests' digests stand for the data), so the
+    hash is the same in any checkout.
+    """
+    keep = {k: v for k, v in params.items()
+            if k.split(".", 1)[0] in ("model", "data", "train") and not k.endswith(("dir", "path"))
+            and k not in ("train.resume", "train.progress")}
+    text = json.dumps({"params": keep, "data": data_digests}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resume_run_id(resume: str | None, tracking_uri: str, experiment_name: str, digest: str) -> str | None:
+    """The MLflow run to continue: ``train.resume=<run id>``, or with ``auto`` the newest
+    unfinished run of the same config hash (None: start a new run)."""
+    from gigaseg.tracking import find_resumable_run, run_info
+
+    if resume in (None, "", "none", "null"):
+        return None
+    if str(resume) == "auto":
+        found = find_resumable_run(tracking_uri, experiment_name, digest)
+        log.info("train.resume=auto: %s", f"resuming run {found}" if found else "no unfinished run of this config")
+        return found
+    run_info(tracking_uri, str(resume))
+    return str(resume)
+
+
+def resume_checkpoint(run_id: str, tracking_uri: str, into: Path) -> Path:
+    """The newest intact checkpoint of a run: its local ``last.npz`` or its logged artifact.
+
+    A process killed while MLflow copied the artifact leaves a partial file there; the local
+    file is renamed into place atomically. Each is checked, and the one with more steps wins.
+    """
+    from gigaseg.checkpoint import CheckpointError, load_checkpoint
+    from gigaseg.tracking import download_artifact, run_info
+
+    tags = run_info(tracking_uri, run_id).data.tags
+    candidates = []
+    if tags.get("gigaseg.checkpoint_dir"):
+        candidates.append(Path(tags["gigaseg.checkpoint_dir"]) / "last.npz")
+    artifact = download_artifact(tracking_uri, run_id, "checkpoints/last.npz", into)
+    if artifact is not None:
+        candidates.append(artifact)
+    best, best_step, reasons = None, -1, []
+    for path in candidates:
+        try:
+            step = load_checkpoint(path).step
+        except CheckpointError as exc:
+            reasons.append(str(exc))
+            log.warning("not resuming from %s: %s", path, exc)
+            continue
+        if step > best_step:
+            best, best_step = path, step
+    if best is None:
+        why = f" ({'; '.join(reasons)})" if reasons else ""
+        raise ConfigError(f"train.resume={run_id}: the run has no intact checkpoint to resume from{why}")
+    log.info("resuming run %s from %s (step %d)", run_id, best, best_step)
+    return best
+
+
+def sweep_job() -> tuple[str | None, dict[str, str]]:
+    """In a multirun, the sweep's parent run id and this job's tags; (None, {}) otherwise.
+
+    The tag ``gigaseg.sweep_values`` holds the overrides of the keys the sweep varies.
+    """
+    from hydra.types import RunMode
+
+    from gigaseg.cli.sweep import sweep_info
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None, {}
+    info = sweep_info(hydra_cfg.sweep.dir)
+    overrides = list(hydra_cfg.overrides.task)
+    swept = set(info["swept"])
+    values = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] if swept else overrides
+    tags = {"gigaseg.sweep": "child", "gigaseg.sweep_dir": str(hydra_cfg.sweep.dir),
+            "gigaseg.job_num": str(hydra_cfg.job.num), "gigaseg.sweep_values": " ".join(values) or "(none)"}
+    return info["run_id"], tags
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -65,7 +131,13 @@ def run(cfg: DictConfig) -> float | None:
     from gigaseg.data import load_region
     from gigaseg.data.manifest import file_sha256
     from gigaseg.plots import overlay_png, plot_curves
-    from gigaseg.tracking import MlflowRun, dvc_data_digest, flatten_config, git_state
+    from gigaseg.tracking import (
+        MlflowRun,
+        dvc_data_digest,
+        flatten_config,
+        git_state,
+        process_tags,
+    )
     from gigaseg.training import train
 
     plain = to_plain(cfg)
@@ -92,19 +164,32 @@ def run(cfg: DictConfig) -> float | None:
     tags["gigaseg.train_manifest"] = json.dumps(train_region.manifest, sort_keys=True)[:5000]
     params = flatten_config({k: v for k, v in plain.items() if k != "hydra"})
     params["overrides"] = " ".join(overrides) or "(none)"
+    manifests = [tags["gigaseg.train_manifest_sha256"]]
+    if val_region is not None:
+        manifests.append(file_sha256(val_region.path / "manifest.json"))
+    cfg_hash = config_hash(params, manifests)
+    tags.update({"gigaseg.config_hash": cfg_hash, "gigaseg.checkpoint_dir": str(output_dir / "checkpoints"),
+                 **process_tags()})
+    parent_id, sweep_tags = sweep_job()
+    tags.update(sweep_tags)
+    run_name = plain["mlflow"].get("run_name")
+    if sweep_tags:
+        run_name = f"{run_name or 'job'} {sweep_tags['gigaseg.job_num']}: {sweep_tags['gigaseg.sweep_values']}"[:250]
 
-    resume_id = plain["train"].get("resume")
+    experiment_name = plain["mlflow"]["experiment_name"]
+    resume_id = resume_run_id(plain["train"].get("resume"), tracking_uri, experiment_name, cfg_hash)
     with MlflowRun(
         tracking_uri,
-        plain["mlflow"]["experiment_name"],
-        run_name=plain["mlflow"].get("run_name"),
+        experiment_name,
+        run_name=run_name,
         run_id=resume_id,
+        parent_run_id=parent_id,
         params=params,
         tags=tags,
         log_system_metrics=bool(plain["mlflow"].get("log_system_metrics")),
         artifact_location=plain["mlflow"].get("artifact_location"),
     ) as tracked:
-        log.info("MLflow run %s in %s", tracked.run_id, tracking_uri)
+        log.info("MLflow run %s in %s%s", tracked.run_id, tracking_uri, f" (sweep parent {parent_id})" if parent_id else "")
         tracked.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracked.log_artifact(train_region.path / "manifest.json", "data/train")
         if val_region is not None:
@@ -112,7 +197,7 @@ def run(cfg: DictConfig) -> float | None:
         checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
             if resume_id:
-                checkpoint = _resume_checkpoint(resume_id, tracking_uri, Path(tmp))
+                checkpoint = resume_checkpoint(resume_id, tracking_uri, Path(tmp))
             result = train(
                 kwargs,
                 train_region.image,

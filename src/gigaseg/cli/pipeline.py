@@ -1,0 +1,128 @@
+"""The steps of the DVC pipeline (``dvc.yaml``) that no other command does on its own.
+
+``config`` writes the composed config sections each stage depends on, ``slide`` makes only
+the synthetic slide, ``score`` writes the validation metrics of a trained checkpoint. Each
+takes the same Hydra overrides as ``gigaseg-train``, so ``conf/`` stays the one source of values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gigaseg.atomic import atomic_path
+from gigaseg.cli.common import config_dir, to_plain, user_errors
+from gigaseg.errors import ConfigError
+
+log = logging.getLogger("gigaseg.pipeline")
+
+#: The config sections written by ``config``, one file each.
+SECTIONS = ("data", "model", "train")
+
+
+def compose(overrides: list[str]) -> dict[str, Any]:
+    """``conf/config.yaml`` composed with ``overrides`` and resolved, as plain Python."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return to_plain(hydra_compose("config", overrides=list(overrides)))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"cannot compose the config with {' '.join(overrides) or 'no overrides'}: {exc}") from exc
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def write_sections(config: dict[str, Any], out_dir: Path) -> list[Path]:
+    """One YAML file per section (``data.yaml``, ...), written only when its text changes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in SECTIONS:
+        path = out_dir / f"{name}.yaml"
+        text = yaml.safe_dump({name: config[name]}, sort_keys=True)
+        if not path.is_file() or path.read_text() != text:
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)
+        written.append(path)
+    return written
+
+
+def make_slide(config: dict[str, Any]) -> dict | None:
+    """Generate the dataset's synthetic slide (shrunk as ``data.max_region`` asks), nothing else."""
+    from gigaseg.cli.prepare import dataset_spec
+    from gigaseg.dataset import ensure_synthetic_slide, shrunk_synthetic
+
+    spec = dataset_spec(config["data"])
+    spec.validate()
+    if spec.synthetic is None:
+        raise ConfigError(f"data '{config['data'].get('name')}' has no synthetic slide recipe; the slide stage only makes synthetic slides")
+    recipe = spec.synthetic
+    if spec.max_region is not None:
+        recipe, _ = shrunk_synthetic(recipe, list(spec.regions), spec.max_region)
+    return ensure_synthetic_slide(spec, recipe, progress=True)
+
+
+def score(config: dict[str, Any], checkpoint: Path) -> dict[str, float]:
+    """Dice, IoU, precision and recall of a checkpoint's model on the prepared validation region."""
+    from gigaseg.checkpoint import load_checkpoint
+    from gigaseg.cli.train import model_kwargs, train_config
+    from gigaseg.data import load_region
+    from gigaseg.evaluation import count
+    from gigaseg.model import build_unet
+    from gigaseg.streaming import TiledEngine, available_memory_bytes, plan_tile_size
+
+    train = train_config(config["train"])
+    region = load_region(Path(config["data"]["dir"]) / "val")
+    state = load_checkpoint(checkpoint)
+    model = build_unet(**model_kwargs(config["model"]))
+    model.set_weights(state.weights)
+    budget = (train.memory_budget_mb * 2**20 if train.memory_budget_mb
+              else available_memory_bytes() * train.memory_fraction)
+    plan = plan_tile_size(model, region.image.shape[:2], budget_bytes=int(budget), tile_size=train.tile_size)
+    probability = TiledEngine(model, loss=train.loss, tile_size=plan.tile_size).predict(region.image)
+    scores = count(probability, region.mask, threshold=train.threshold).scores()
+    return {**{f"val_{k}": float(v) for k, v in scores.items()}, "step": state.step}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gigaseg.cli.pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    config_cmd = commands.add_parser("config", help="write the composed data/model/train sections")
+    config_cmd.add_argument("--out", type=Path, required=True, help="folder for data.yaml, model.yaml, train.yaml")
+    commands.add_parser("slide", help="generate the synthetic slide of the data config")
+    score_cmd = commands.add_parser("score", help="validation metrics of a checkpoint, as a DVC metrics file")
+    score_cmd.add_argument("--checkpoint", type=Path, required=True)
+    score_cmd.add_argument("--metrics", type=Path, required=True, help="JSON file to write")
+    for command in commands.choices.values():
+        command.add_argument("overrides", nargs="*", help="Hydra overrides, as for gigaseg-train")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    with user_errors():
+        config = compose(args.overrides)
+        if args.command == "config":
+            for path in write_sections(config, args.out):
+                log.info("wrote %s", path)
+        elif args.command == "slide":
+            log.info("slide recipe: %s", make_slide(config))
+        else:
+            metrics = score(config, args.checkpoint)
+            args.metrics.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(args.metrics) as tmp:
+                tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            log.info("validation metrics: %s", json.dumps(metrics, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
