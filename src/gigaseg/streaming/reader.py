@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -80,9 +81,11 @@ class Prefetcher:
     prefetch did not hide.
     """
 
-    def __init__(self, load: Callable[[T], R], enabled: bool = True):
+    def __init__(self, load: Callable[[T], R], enabled: bool = True, workers: int = 1):
         self.load = load
         self.enabled = enabled
+        # With several workers, that many items are loaded ahead (in order, concurrently).
+        self.workers = max(1, int(workers))
         self.wait_s = 0.0
 
     def __call__(self, items: Iterable[T]) -> Iterator[tuple[T, R]]:
@@ -96,12 +99,15 @@ class Prefetcher:
                 self.wait_s += time.perf_counter() - start
                 yield item, data
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gigaseg-prefetch") as pool:
-            future = pool.submit(self.load, items[0])
-            for i, item in enumerate(items):
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="gigaseg-prefetch") as pool:
+            pending = deque((item, pool.submit(self.load, item)) for item in items[: self.workers])
+            queued = len(pending)
+            while pending:
+                item, future = pending.popleft()
                 start = time.perf_counter()
                 data = future.result()
                 self.wait_s += time.perf_counter() - start
-                if i + 1 < len(items):
-                    future = pool.submit(self.load, items[i + 1])
+                if queued < len(items):
+                    pending.append((items[queued], pool.submit(self.load, items[queued])))
+                    queued += 1
                 yield item, data

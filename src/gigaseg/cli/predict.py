@@ -1,0 +1,198 @@
+"""``gigaseg-predict``: segment whole slides with a trained model and track each prediction as an MLflow run.
+
+``slides=<folder or glob>`` expands into a Hydra multirun over ``slide=`` (one job per
+slide) before Hydra parses the command line, so any Hydra launcher (joblib, submitit) runs it.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from gigaseg.cli.common import config_dir, to_plain, user_errors
+from gigaseg.errors import ConfigError
+
+log = logging.getLogger("gigaseg.predict")
+
+#: File endings of slides OpenSlide reads, for ``slides=<folder>``.
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm")
+_SAFE = re.compile(r"^[A-Za-z0-9_./+@%-]+$")
+
+
+def _stem(path: str) -> str:
+    """A folder name for a slide: its file name without the extension, made safe."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(str(path)).stem) or "slide"
+
+
+if not OmegaConf.has_resolver("gigaseg_stem"):
+    OmegaConf.register_new_resolver("gigaseg_stem", _stem)
+
+
+def find_slides(pattern: str) -> list[Path]:
+    """The slides of a folder (by file ending; DICOM folders count as one slide each) or of a glob pattern, sorted."""
+    path = Path(pattern).expanduser()
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
+                       and not p.name.startswith(".") and p.suffix.lower() != ".dcm")
+        found += sorted(p for p in path.iterdir() if p.is_dir() and any(p.glob("*.dcm")))
+    else:
+        found = sorted(Path(p) for p in glob.glob(str(path)) if not Path(p).name.startswith("."))
+    if not found:
+        raise ConfigError(f"slides={pattern}: no slides found; give a folder of slides or a glob such as '/data/*.svs'")
+    return found
+
+
+def _quote(value: str) -> str:
+    """A value as Hydra's override grammar reads it back verbatim."""
+    if _SAFE.match(value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def expand_slides(argv: list[str]) -> list[str]:
+    """Turn ``slides=<folder or glob>`` into ``slide=a,b,...`` and ``-m`` (a multirun, one job per slide)."""
+    out, expanded = [], False
+    for arg in argv:
+        if arg.startswith("slides="):
+            slides = find_slides(arg[len("slides="):])
+            out.append("slide=" + ",".join(_quote(str(s)) for s in slides))
+            expanded = True
+        else:
+            out.append(arg)
+    if expanded and not {"-m", "--multirun"} & set(out):
+        out.insert(0, "--multirun")
+    return out
+
+
+def resolve_model(uri: str, tracking_uri: str, into: Path) -> Path:
+    """A local path for a model URI: ``runs:/`` and ``models:/`` (and other MLflow URIs) are downloaded into ``into``."""
+    from gigaseg.inference import ModelError
+
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if "://" not in uri and not uri.startswith(("runs:/", "models:/")):
+        return Path(uri).expanduser()
+    from mlflow.artifacts import download_artifacts
+
+    try:
+        return Path(download_artifacts(artifact_uri=uri, dst_path=str(into), tracking_uri=tracking_uri))
+    except Exception as exc:  # MLflow raises MlflowException, OSError, REST errors, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model_uri={uri}: cannot fetch it from the MLflow store {tracking_uri} ({first})") from exc
+
+
+def predict_options(plain: dict[str, Any], threshold: float):
+    """PredictOptions from the composed config."""
+    from gigaseg.inference import PredictOptions
+
+    try:
+        return PredictOptions(
+            level=plain["level"], mpp=plain["mpp"], kind=str(plain["kind"]), threshold=float(threshold),
+            tile_size=int(plain["tile_size"]), tiff_tile_size=int(plain["tiff_tile_size"]),
+            min_area_um2=float(plain["min_area_um2"]), pad_value=tuple(plain["pad_value"]),
+            outline_max_mpx=float(plain["outline_max_mpx"]), readers=int(plain["readers"]),
+            jit_compile=bool(plain["jit_compile"]),
+            compression_level=int(plain["compression_level"]), thumbnail_size=int(plain["thumbnail_size"]),
+            progress=bool(plain["progress"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"the predict config has a missing or invalid option ({exc}); compare with conf/predict.yaml") from exc
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Predict one slide as the composed config says; returns the summary."""
+    from gigaseg.inference import load_model, predict_slide
+    from gigaseg.slides import open_slide
+    from gigaseg.tracking import MlflowRun, flatten_config, git_state
+
+    for key in ("model_uri", "slide"):
+        if OmegaConf.is_missing(cfg, key) or not cfg[key]:
+            raise ConfigError(f"{key}=... is required, e.g. gigaseg-predict model_uri=runs:/<run id>/model slide=/path/slide.svs")
+    plain = to_plain(cfg)
+    tracking_uri = plain["mlflow"]["tracking_uri"]
+    slide = Path(str(plain["slide"])).expanduser()
+    open_slide(slide).close()  # a bad slide fails now, before any run is logged
+    hydra_cfg = HydraConfig.get()
+    if plain.get("output_dir"):
+        output_dir = Path(plain["output_dir"])
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            output_dir = output_dir / _stem(str(slide))  # one folder per slide
+    else:
+        output_dir = Path(hydra_cfg.runtime.output_dir)
+    model_uri = str(plain["model_uri"])
+
+    with tempfile.TemporaryDirectory(prefix="gigaseg-model-") as tmp:
+        loaded = load_model(resolve_model(model_uri, tracking_uri, Path(tmp)))
+    threshold = loaded.threshold if plain.get("threshold") is None else float(plain["threshold"])
+    options = predict_options(plain, threshold)
+    extra = {"model_uri": model_uri, "model_run_id": loaded.run_id, "output_dir": str(output_dir.resolve())}
+    kwargs = {"model_level": loaded.level, "model_mpp": loaded.mpp}
+
+    if not plain.get("log_mlflow", True):
+        return predict_slide(loaded.model, slide, output_dir, options, extra_summary=extra, **kwargs)
+
+    overrides = list(hydra_cfg.overrides.task)
+    params = flatten_config({k: v for k, v in plain.items() if k not in ("hydra", "paths")})
+    params["overrides"] = " ".join(overrides) or "(none)"
+    tags = {
+        "gigaseg.command": "predict",
+        "gigaseg.model_uri": model_uri,
+        "gigaseg.slide": str(slide.resolve()),
+        "gigaseg.output_dir": str(output_dir.resolve()),
+        **git_state(Path(plain["paths"]["root"])),
+    }
+    if loaded.run_id:
+        tags["gigaseg.model_run_id"] = loaded.run_id
+    with MlflowRun(
+        tracking_uri,
+        plain["mlflow"]["experiment_name"],
+        run_name=plain["mlflow"].get("run_name") or f"predict {_stem(str(slide))}",
+        params=params,
+        tags=tags,
+        log_system_metrics=bool(plain["mlflow"].get("log_system_metrics")),
+        artifact_location=plain["mlflow"].get("artifact_location"),
+    ) as tracked:
+        log.info("MLflow run %s in %s", tracked.run_id, tracking_uri)
+        summary = predict_slide(
+            loaded.model, slide, output_dir, options, extra_summary={**extra, "mlflow_run_id": tracked.run_id}, **kwargs
+        )
+        metrics = {k: summary[k] for k in ("seconds", "mpx", "mpx_per_s", "tissue_fraction", "tissue_area_mm2", "pieces")}
+        tracked.log_metrics(metrics, step=0)
+        tracked.set_tags({"gigaseg.level": str(summary["level"])})
+        for name in ("summary.json", "outlines.geojson", "overlay.png") + (("mask.tiff",) if plain.get("log_mask") else ()):
+            tracked.log_artifact(output_dir / name)
+        tracked.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    with user_errors():
+        summary = run(cfg)
+        log.info("wrote %s: tissue %.1f %%, %d piece(s), %.1f s", summary["output_dir"],
+                 100 * summary["tissue_fraction"], summary["pieces"], summary["seconds"])
+        return summary
+
+
+def main() -> None:
+    """Console entry point: expand ``slides=`` into a multirun, then hand over to Hydra."""
+    with user_errors():
+        sys.argv[1:] = expand_slides(sys.argv[1:])
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

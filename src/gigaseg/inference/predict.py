@@ -1,0 +1,273 @@
+"""Whole-slide prediction in bounded memory: tile windows read from the slide in the background, forward only, mask written band by band.
+
+``predict_slide`` writes the pyramidal TIFF mask, the tissue outlines (GeoJSON), a
+thumbnail overlay and a summary JSON into one folder; memory depends on the tile size,
+not on the slide size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from gigaseg.atomic import atomic_path
+from gigaseg.errors import ConfigError, RegionError
+from gigaseg.inference.overlay import slide_thumbnail, write_overlay
+from gigaseg.inference.tiff import KINDS, TIFF_TILE_SIZES, block_sums, write_mask_tiff
+from gigaseg.inference.windows import DEFAULT_PAD_VALUE, PaddedLevel
+from gigaseg.slides import open_slide
+from gigaseg.slides.base import SlideReader
+
+log = logging.getLogger(__name__)
+
+MASK_FILE = "mask.tiff"
+OUTLINES_FILE = "outlines.geojson"
+OVERLAY_FILE = "overlay.png"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to predict and what to write (the ``gigaseg-predict`` options, minus model and slide)."""
+
+    level: int | None = None
+    mpp: float | None = None
+    kind: str = "probability"
+    threshold: float = 0.5
+    tile_size: int = 1024
+    tiff_tile_size: int = 512
+    min_area_um2: float = 1000.0
+    pad_value: tuple[int, int, int] = DEFAULT_PAD_VALUE
+    outline_max_mpx: float = 16.0
+    readers: int = 1
+    jit_compile: bool = False
+    compression_level: int = 1
+    thumbnail_size: int = 1024
+    progress: bool = True
+
+    def validate(self, total_stride: int) -> None:
+        """Raise ConfigError naming the first invalid option."""
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind '{self.kind}' is unknown; choose one of {', '.join(KINDS)}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
+        if self.tiff_tile_size not in TIFF_TILE_SIZES:
+            raise ConfigError(f"tiff_tile_size must be one of {TIFF_TILE_SIZES}, got {self.tiff_tile_size}")
+        unit = math.lcm(total_stride, self.tiff_tile_size)
+        if self.tile_size <= 0 or self.tile_size % unit:
+            raise ConfigError(
+                f"tile_size {self.tile_size} must be a positive multiple of {unit} (the model's total stride "
+                f"{total_stride} and the TIFF tile {self.tiff_tile_size}), e.g. {max(unit, self.tile_size // unit * unit)}"
+            )
+        if self.min_area_um2 < 0:
+            raise ConfigError(f"min_area_um2 must be zero or positive, got {self.min_area_um2}")
+        if self.outline_max_mpx <= 0:
+            raise ConfigError(f"outline_max_mpx must be positive, got {self.outline_max_mpx}")
+        if self.readers < 1:
+            raise ConfigError(f"readers must be at least 1, got {self.readers}")
+
+
+def choose_level(
+    slide: SlideReader, *, level: int | None, mpp: float | None, model_level: int | None, model_mpp: float | None
+) -> int:
+    """The slide level to predict: ``level``, else the level for ``mpp``, else the model's training resolution.
+
+    The model's resolution is its mpp when both it and the slide know theirs, else its
+    level; a model that recorded neither predicts at level 0.
+    """
+    if level is not None:
+        if not 0 <= int(level) < slide.level_count:
+            raise RegionError(f"{slide.name}: level {level} does not exist (the slide has levels 0..{slide.level_count - 1})")
+        return int(level)
+    if mpp is not None:
+        return slide.level_for_mpp(float(mpp)).level
+    if model_mpp is not None and slide.mpp is not None:
+        return slide.level_for_mpp(model_mpp).level
+    if model_level is not None:
+        if not 0 <= model_level < slide.level_count:
+            raise RegionError(
+                f"{slide.name}: the model was trained at level {model_level}, which this slide lacks; "
+                "give level=... or mpp=..."
+            )
+        if model_mpp is not None:
+            log.warning("%s records no mpp: predicting at the model's level %d", slide.name, model_level)
+        return model_level
+    return 0
+
+
+class OutlineGrid:
+    """A downsampled binary tissue mask filled block by block: one cell per ``factor`` x ``factor`` pixels, majority vote."""
+
+    def __init__(self, width: int, height: int, max_pixels: float, max_factor: int) -> None:
+        factor = 1
+        while math.ceil(width / factor) * math.ceil(height / factor) > max_pixels and factor < max_factor:
+            factor *= 2
+        self.factor = factor
+        self.mask = np.zeros((math.ceil(height / factor), math.ceil(width / factor)), np.uint8)
+
+    def add(self, top: int, left: int, tissue: np.ndarray) -> None:
+        f = self.factor
+        h, w = tissue.shape
+        hh, ww = math.ceil(h / f), math.ceil(w / f)
+        if f == 1:
+            self.mask[top : top + h, left : left + w] = tissue
+            return
+        if h % f or w % f:
+            padded = np.zeros((hh * f, ww * f), np.uint8)
+            padded[:h, :w] = tissue
+        else:
+            padded = np.ascontiguousarray(tissue).view(np.uint8)
+        votes = block_sums(padded, f).astype(np.int64)
+        rows = np.minimum(f, h - f * np.arange(hh))
+        cols = np.minimum(f, w - f * np.arange(ww))
+        self.mask[top // f : top // f + hh, left // f : left // f + ww] = 2 * votes >= rows[:, None] * cols[None, :]
+
+
+def predict_level_blocks(
+    engine,
+    slide: SlideReader,
+    level: int,
+    *,
+    pad_value: Sequence[int] = DEFAULT_PAD_VALUE,
+    readers: int = 1,
+    progress: bool = False,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Float32 probabilities of a whole slide level, one tile core at a time: ``(top, left, block)``.
+
+    ``engine`` is a :class:`gigaseg.streaming.TiledEngine` with a tile size. The level is
+    padded to the total stride as a plain forward pass on the whole padded level would see
+    it; blocks are cropped back to the level. Tiles come in row-major order.
+    """
+    from gigaseg.streaming.engine import predict_tiles
+
+    padded = PaddedLevel(slide, level, engine.total_stride, pad_value)
+    plan = engine.plan(padded.shape[:2])
+    start = time.perf_counter()
+    with tqdm(total=len(plan), unit="tile", desc=f"{slide.name} L{level}", disable=not progress) as bar:
+        for tile, core in predict_tiles(engine, plan, lambda tile: padded.read(*tile.window), readers=readers):
+            top, left, bottom, right = tile.core
+            h, w = min(bottom, padded.height) - top, min(right, padded.width) - left
+            bar.update(1)
+            done = (tile.index + 1) / len(plan) * padded.height * padded.width / 1e6
+            bar.set_postfix_str(f"{done / max(time.perf_counter() - start, 1e-9):.1f} Mpx/s", refresh=False)
+            yield top, left, core[:h, :w]
+
+
+def _mask_values(probability: np.ndarray, kind: str, threshold: float) -> np.ndarray:
+    if kind == "binary":
+        return np.where(probability >= threshold, np.uint8(255), np.uint8(0))
+    return np.rint(probability * np.float32(255)).astype(np.uint8)
+
+
+def predict_slide(
+    model,
+    slide_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    options: PredictOptions = PredictOptions(),
+    *,
+    model_level: int | None = None,
+    model_mpp: float | None = None,
+    extra_summary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Predict a whole slide and write mask, outlines, overlay and summary into ``output_dir``; return the summary.
+
+    ``model_level``/``model_mpp`` are the resolution the model was trained at (used when
+    ``options`` name neither a level nor an mpp). ``extra_summary`` is merged into the
+    summary (model URI, MLflow run id, ...).
+    """
+    from gigaseg.outlines import tissue_outlines, write_geojson
+    from gigaseg.streaming import TiledEngine
+
+    start = time.perf_counter()
+    engine = TiledEngine(model, tile_size=options.tile_size, jit_compile=options.jit_compile)
+    options.validate(engine.total_stride)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    slide_path = Path(slide_path)
+    with open_slide(slide_path) as slide:
+        level = choose_level(slide, level=options.level, mpp=options.mpp, model_level=model_level, model_mpp=model_mpp)
+        width, height = slide.level_dimensions[level]
+        downsample = float(slide.level_downsamples[level])
+        level_mpp = slide.level_mpp(level)
+        log.info("predicting %s at level %d (%dx%d, downsample %.4g, mpp %s)", slide.name, level, width, height,
+                 downsample, level_mpp)
+        description = {"gigaseg": {
+            "kind": options.kind, "threshold": options.threshold, "slide": str(slide_path.resolve()),
+            "slide_level": level, "downsample": downsample, "mpp": level_mpp, "width": width, "height": height,
+        }}
+        grid = OutlineGrid(width, height, options.outline_max_mpx * 1e6, max_factor=options.tile_size)
+        tissue = 0
+
+        def blocks() -> Iterator[tuple[int, int, np.ndarray]]:
+            nonlocal tissue
+            for top, left, probability in predict_level_blocks(
+                engine, slide, level, pad_value=options.pad_value, readers=options.readers, progress=options.progress
+            ):
+                is_tissue = probability >= options.threshold
+                tissue += int(np.count_nonzero(is_tissue))
+                grid.add(top, left, is_tissue)
+                yield top, left, _mask_values(probability, options.kind, options.threshold)
+
+        write_mask_tiff(
+            output_dir / MASK_FILE, blocks(), width=width, height=height, kind=options.kind,
+            tile_size=options.tiff_tile_size, mpp=level_mpp, description=description,
+            compression_level=options.compression_level, threads=2,
+        )
+        predict_seconds = time.perf_counter() - start
+
+        # Specks are dropped by area in level-0 pixels: um^2 over level-0 mpp^2, or pixels^2 without mpp.
+        base_mpp = None if slide.mpp is None else float(np.mean(slide.mpp))
+        min_area = options.min_area_um2 / base_mpp**2 if base_mpp else options.min_area_um2
+        outlines = tissue_outlines(grid.mask, downsample=grid.factor * downsample, min_area=min_area)
+        write_geojson(outlines, output_dir / OUTLINES_FILE)
+        thumbnail, scale = slide_thumbnail(slide, options.thumbnail_size)
+        write_overlay(output_dir / OVERLAY_FILE, thumbnail, outlines, scale)
+
+    seconds = time.perf_counter() - start
+    mpx = width * height / 1e6
+    summary = {
+        "slide": str(slide_path.resolve()),
+        "level": level,
+        "mpp": level_mpp,
+        "downsample": downsample,
+        "width": width,
+        "height": height,
+        "kind": options.kind,
+        "threshold": options.threshold,
+        "tile_size": options.tile_size,
+        "tiff_tile_size": options.tiff_tile_size,
+        "tissue_pixels": tissue,
+        "tissue_fraction": tissue / (width * height),
+        "tissue_area_mm2": None if level_mpp is None else tissue * level_mpp**2 / 1e6,
+        "pieces": len(outlines),
+        "min_area_um2": options.min_area_um2,
+        "outline_downsample": grid.factor * downsample,
+        "mpx": mpx,
+        "predict_seconds": predict_seconds,
+        "seconds": seconds,
+        "mpx_per_s": mpx / seconds,
+        "files": {"mask": MASK_FILE, "outlines": OUTLINES_FILE, "overlay": OVERLAY_FILE},
+        **(extra_summary or {}),
+    }
+    write_summary(output_dir / SUMMARY_FILE, summary)
+    log.info("%s: tissue %.1f %%, %d piece(s), %.1f Mpx in %.1f s (%.1f Mpx/s)", slide.name,
+             100 * summary["tissue_fraction"], summary["pieces"], mpx, seconds, summary["mpx_per_s"])
+    return summary
+
+
+def write_summary(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
+    """Write a summary dict as sorted, indented JSON, atomically."""
+    path = Path(path)
+    with atomic_path(path, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return path
