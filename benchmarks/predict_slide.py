@@ -16,22 +16,14 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _worker import peak_rss_mb, run_in_child  # benchmarks/_worker.py, beside this script
+
 CACHE = Path(tempfile.gettempdir()) / "gigaseg-bench-slides"
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set of this process in MiB (VmHWM: ru_maxrss carries over fork and exec; see train_step.py)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise OSError("no VmHWM in /proc/self/status")
 
 
 def base_slide(height: int, width: int, seed: int) -> Path:
@@ -143,14 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     slide = Path(args.slide) if args.slide else base_slide(args.height, args.width, args.seed)
     if args.repeat > 1:
         slide = repeated_slide(slide, args.repeat)
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
-    command = [sys.executable, __file__, *forwarded, "--worker", "--slide", str(slide)]
-    child = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
-    if child.returncode != 0:
-        print(f"benchmark worker failed with exit code {child.returncode}", file=sys.stderr)
-        return child.returncode
-    print(child.stdout.strip().splitlines()[-1])
-    return 0
+    forwarded = list(argv if argv is not None else sys.argv[1:])
+    return run_in_child(__file__, [*forwarded, "--worker", "--slide", str(slide)])
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from _worker import peak_rss_mb, run_in_child  # benchmarks/_worker.py, beside this script
 
 
 def write_region(directory: Path, height: int, width: int, seed: int = 0) -> tuple[Path, Path]:
@@ -56,24 +57,6 @@ def write_region(directory: Path, height: int, width: int, seed: int = 0) -> tup
     os.replace(str(image_path) + ".tmp.npy", image_path)
     os.replace(str(mask_path) + ".tmp.npy", mask_path)
     return image_path, mask_path
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set of this process in MiB.
-
-    VmHWM rather than ru_maxrss: Linux carries ru_maxrss over fork and exec, so a worker
-    spawned by a parent that has just written a 4 GB region would report the parent's peak.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def run_worker(args: argparse.Namespace) -> dict:
@@ -152,14 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_worker(args)))
         return 0
     image_path, mask_path = write_region(args.region_dir, args.height, args.width)
-    command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker",
-               "--image", str(image_path), "--mask", str(mask_path)]
-    child = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    if child.returncode != 0:
-        print(f"benchmark worker failed with exit code {child.returncode}", file=sys.stderr)
-        return child.returncode
-    print(child.stdout.strip().splitlines()[-1])
-    return 0
+    forwarded = list(argv if argv is not None else sys.argv[1:])
+    return run_in_child(__file__, [*forwarded, "--worker", "--image", str(image_path), "--mask", str(mask_path)])
 
 
 if __name__ == "__main__":

@@ -44,12 +44,12 @@ class RunLogger(Protocol):
 class TrainConfig:
     """The knobs of a training run (the ``train`` config group)."""
 
-    steps: int = 60
-    lr: float = 0.005
+    steps: int = 30
+    lr: float = 0.01
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     optimizer: str = "adam"
-    loss: str = "dice"
+    loss: str = "dice_bce"
     seed: int = 0
     val_every: int = 10
     threshold: float = 0.5
@@ -68,8 +68,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"train.lr_schedule '{self.lr_schedule}' is unknown; choose one of {', '.join(SCHEDULES)}")
-        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
-            raise ConfigError(f"train.warmup_steps must lie in [0, train.steps), got {self.warmup_steps}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be 0 or more, got {self.warmup_steps}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"train.optimizer '{self.optimizer}' is unknown; choose one of {', '.join(OPTIMIZERS)}")
         if self.loss not in LOSSES:
@@ -107,18 +107,20 @@ def learning_rate(config: TrainConfig):
     """The learning rate or schedule: linear warm-up, then constant or cosine decay to 0.
 
     With ``w`` warm-up steps, step ``i`` (from 1) uses ``lr * i / (w + 1)`` for ``i <= w``.
+    A run shorter than its warm-up (``debug=smoke``, say) warms up over all but its last step.
     """
     import keras
 
-    if config.lr_schedule == "constant" and config.warmup_steps == 0:
+    warmup = min(config.warmup_steps, config.steps - 1)
+    if config.lr_schedule == "constant" and warmup == 0:
         return config.lr
     # alpha=1 keeps the rate constant after the warm-up.
     cosine = config.lr_schedule == "cosine"
-    decay, alpha = (config.steps - config.warmup_steps, 0.0) if cosine else (1, 1.0)
-    if config.warmup_steps == 0:
+    decay, alpha = (config.steps - warmup, 0.0) if cosine else (1, 1.0)
+    if warmup == 0:
         return keras.optimizers.schedules.CosineDecay(config.lr, decay, alpha=alpha)
     return keras.optimizers.schedules.CosineDecay(
-        config.lr / (config.warmup_steps + 1), decay, alpha=alpha, warmup_target=config.lr, warmup_steps=config.warmup_steps
+        config.lr / (warmup + 1), decay, alpha=alpha, warmup_target=config.lr, warmup_steps=warmup
     )
 
 
