@@ -14,6 +14,13 @@ FIXTURES = ROOT / "tests" / "fixtures"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def command_env(database: Path) -> dict[str, str]:
+    """The environment for running a command as a subprocess against its own SQLite MLflow store."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{database}", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("MLFLOW_RUN_ID", None)  # never adopt a run of an outer `mlflow run`
+    return env
+
+
 @pytest.fixture
 def compose():
     """Compose ``conf/config.yaml`` with overrides, as the entry points do."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import command_env
 
 
 def _command(name: str, *overrides: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
@@ -20,8 +21,7 @@ def _command(name: str, *overrides: str, env: dict, cwd: Path) -> subprocess.Com
 
 @pytest.fixture
 def workspace(tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("MLFLOW_RUN_ID", None)
+    env = command_env(tmp_path / "mlflow.db")
     common = [f"paths.data_dir={tmp_path}/data", f"hydra.run.dir={tmp_path}/out"]
     return tmp_path, env, common
 

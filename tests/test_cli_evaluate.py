@@ -14,13 +14,14 @@ import pytest
 from PIL import Image
 from test_evaluation_inputs import write_prediction
 
+from conftest import command_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def workspace(tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("MLFLOW_RUN_ID", None)
+    env = command_env(tmp_path / "mlflow.db")
     common = [f"hydra.run.dir={tmp_path}/out", f"mlflow.artifact_location={tmp_path}/artifacts"]
     return tmp_path, env, common
 

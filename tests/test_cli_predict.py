@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, command_env
 
 from gigaseg.cli.predict import expand_slides, find_slides
 from gigaseg.errors import ConfigError
@@ -114,8 +114,7 @@ def test_a_folder_of_slides_is_one_joblib_multirun_with_a_folder_per_slide(store
 
 def test_bad_input_prints_one_line_and_exits_non_zero(tmp_path):
     # An empty store: the slide is checked before the model is fetched, and the run id below does not exist.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("MLFLOW_RUN_ID", None)
+    env = command_env(tmp_path / "mlflow.db")
     model_run_id = "0123456789abcdef0123456789abcdef"
     common = [f"hydra.run.dir={tmp_path}/out", "log_mlflow=false"]
     not_a_slide = tmp_path / "notes.tiff"

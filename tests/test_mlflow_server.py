@@ -4,7 +4,6 @@ parent, the children and their ``val_dice`` histories."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import command_env
 
 
 def _free_port() -> int:
@@ -39,8 +40,7 @@ def _post(base: str, path: str, body: dict) -> dict:
 @pytest.mark.slow
 def test_server_rest_api_lists_the_sweep_and_val_dice_histories(tmp_path: Path):
     db = tmp_path / "mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("MLFLOW_RUN_ID", None)
+    env = command_env(db)
     common = ["debug=smoke", f"paths.data_dir={tmp_path}/data"]
     for module, extra in (("gigaseg.cli.prepare", [f"hydra.run.dir={tmp_path}/prep"]),
                           ("gigaseg.cli.train", ["-m", "train.lr=0.001,0.003", "train.steps=4", "train.val_every=2",

@@ -19,6 +19,8 @@ from gigaseg.cli.train import resume_checkpoint
 from gigaseg.errors import ConfigError
 from gigaseg.tracking import MlflowRun, find_resumable_run, process_tags
 
+from conftest import command_env
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
@@ -102,8 +104,7 @@ STEPS = 12
 
 
 def _env(tmp_path: Path) -> dict:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("MLFLOW_RUN_ID", None)
+    env = command_env(tmp_path / "mlflow.db")
     return env
 
 

@@ -21,6 +21,8 @@ from gigaseg.cli.sweep import (
 )
 from gigaseg.tracking import MlflowRun
 
+from conftest import command_env
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
@@ -110,8 +112,7 @@ def test_other_commands_are_not_tracked_as_sweeps(compose, tmp_path, clean_env):
 # --- real multiruns (slow) ---------------------------------------------------------------
 
 def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("MLFLOW_RUN_ID", None)
+    env = command_env(tmp_path / "mlflow.db")
     env.pop(PARENT_ENV, None)
     common = ["debug=smoke", f"paths.data_dir={tmp_path}/data", "train.progress=false", "train.log_model=false"]
     flags = [o for o in overrides if o.startswith("-")]
