@@ -153,16 +153,9 @@ class MlflowRun:
         if self.run_id is None and self.parent_run_id is not None:
             experiment_id = mlflow.get_run(self.parent_run_id).info.experiment_id
         elif self.run_id is None:
-            local = urllib.parse.urlparse(self.tracking_uri).scheme in ("sqlite", "file", "")
-            if (
-                self.artifact_location
-                and local
-                and mlflow.get_experiment_by_name(self.experiment_name) is None
-            ):
-                # A new experiment on a local store keeps its artifacts beside the store,
-                # not in whatever folder the command happened to start in.
-                mlflow.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
-            mlflow.set_experiment(self.experiment_name)
+            # A new experiment on a local store keeps its artifacts beside the store,
+            # not in whatever folder the command happened to start in.
+            experiment_id = experiment_id_for(self.tracking_uri, self.experiment_name, self.artifact_location)
         reopened = self.run_id is not None
         self._run = mlflow.start_run(
             run_id=self.run_id,
