@@ -175,15 +175,22 @@ class PlainEngine:
         return result
 
 
-def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig):
+def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig, replicas=None):
     """The tiled engine (exact, and on CPU faster than a plain step), or the plain Keras step.
 
     ``train.tiled=never`` asks for the plain whole-region step; it is refused before anything
-    large is allocated when its memory estimate exceeds the budget.
+    large is allocated when its memory estimate exceeds the budget. With ``replicas`` (a
+    :class:`gigaseg.distributed.Replicas`), the tiles are spread over them; every replica uses
+    the chief's tile size.
     """
     from gigaseg.streaming import TiledEngine, check_plain_step_fits, plan_tile_size
 
     budget = _budget_bytes(config)
+    if replicas is not None:
+        if config.tiled == "never":
+            raise ConfigError("train.tiled=never (one plain whole-region step) cannot be spread over replicas; "
+                              "use train.tiled=auto with distributed")
+        budget = int(budget * replicas.memory_share)
     if config.tiled == "never":
         try:
             check_plain_step_fits(model, region_shape[0], region_shape[1], budget)
@@ -191,10 +198,20 @@ def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig):
             raise MemoryPlanError(f"{exc} (train.tiled=auto does this when needed)") from exc
         return PlainEngine(model, loss=config.loss), None
     plan = plan_tile_size(model, region_shape, budget_bytes=budget, tile_size=config.tile_size)
+    if replicas is not None:
+        # Hosts may differ in free memory: every replica must cut the region the same way.
+        chief = tuple(int(v) for v in replicas.broadcast([np.array(plan.tile_size)], "tile size")[0])
+        if chief != tuple(plan.tile_size):
+            plan = plan_tile_size(model, region_shape, budget_bytes=budget, tile_size=chief)
     log.info(
         "tiled training: tiles of %s with halo %d, %d tiles per step, estimated peak %.0f MB (budget %.0f MB)",
         plan.tile_size, plan.halo, plan.tiles, plan.estimated_peak_bytes / 2**20, plan.budget_bytes / 2**20,
     )
+    if replicas is not None:
+        from gigaseg.distributed import DistributedEngine
+
+        log.info("tiles spread over %s", replicas.describe())
+        return DistributedEngine(model, replicas, loss=config.loss, tile_size=plan.tile_size, halo=plan.halo), plan
     return TiledEngine(model, loss=config.loss, tile_size=plan.tile_size, halo=plan.halo), plan
 
 
@@ -212,15 +229,20 @@ def train(
     val_mask: np.ndarray | None,
     config: TrainConfig,
     *,
-    checkpoint_dir: Path,
+    checkpoint_dir: Path | None,
     resume: Path | None = None,
     logger: RunLogger | None = None,
+    replicas=None,
 ) -> TrainResult:
     """Train ``build_unet(**model_kwargs)`` on one region, one optimizer step per pass.
 
     ``train_image`` is H x W x 3 uint8 and ``train_mask`` H x W 0/1, numpy arrays or
     memory maps; the validation pair may be None. Checkpoints go to ``checkpoint_dir``
-    every ``checkpoint_every`` steps and at the end; ``resume`` continues from one.
+    (None: none written) every ``checkpoint_every`` steps and at the end; ``resume``
+    continues from one. With ``replicas`` (:func:`gigaseg.distributed.make_replicas`) every
+    step's tiles are spread over the replicas of a distributed run; call ``train`` on every
+    worker, with the same arguments except that only the chief passes a logger, a checkpoint
+    folder, ``resume`` and validation data (the chief's state is broadcast at the start).
     """
     from tqdm.auto import tqdm
 
@@ -232,7 +254,9 @@ def train(
     optimizer = build_optimizer(config.optimizer, learning_rate(config))
     optimizer.build(model.trainable_variables)
     height, width = train_image.shape[:2]
-    engine, plan = choose_engine(model, (height, width), config)
+    if replicas is not None and not replicas.is_chief and (logger is not None or checkpoint_dir is not None):
+        raise ValueError("only the chief of a distributed run logs and writes checkpoints")
+    engine, plan = choose_engine(model, (height, width), config, replicas)
     tile_size = plan.tile_size if plan is not None else None
     val_engine = None
     if val_image is not None:
@@ -249,8 +273,9 @@ def train(
         restore(checkpoint, model, optimizer)
         start, history = checkpoint.step, checkpoint.history
         log.info("resumed from %s at step %d", resume, start)
+    if replicas is not None:
+        start = replicas.sync_state(model, optimizer, start)
     last_checkpoint = resume
-    checkpoint_dir = Path(checkpoint_dir)
     mpx = height * width / 1e6
     val_probability = None
     val_dice = None
@@ -265,7 +290,7 @@ def train(
         progress = None
         if plan is not None and plan.tiles > 1 and config.progress:
             bar = tqdm(total=plan.tiles * engine.passes, desc=f"step {step} tiles x passes", unit="tile", leave=False)
-            progress = lambda done, total: bar.update(done - bar.n)  # noqa: E731
+            progress = _bar_progress(bar)
         result = engine.step(train_image, train_mask, progress=progress)
         if bar is not None:
             bar.close()
@@ -294,8 +319,8 @@ def train(
             logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
         steps.set_postfix(loss=f"{result.loss:.4f}", dice=f"{result.dice:.3f}",
                           **({"val": f"{val_dice:.3f}"} if val_dice is not None else {}))
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            last_checkpoint = save_checkpoint(checkpoint_dir / LAST, model, optimizer, step, history)
+        if checkpoint_dir is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+            last_checkpoint = save_checkpoint(Path(checkpoint_dir) / LAST, model, optimizer, step, history)
             if logger is not None:
                 logger.log_artifact(last_checkpoint, "checkpoints")
     steps.close()
@@ -323,6 +348,16 @@ def train(
         tile_size=tile_size,
         model=model,
     )
+
+
+def _bar_progress(bar):
+    """``progress(done, total)`` for a tqdm bar (the total is this replica's share of the tiles)."""
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return progress
 
 
 def _val_tile_size(model, image: np.ndarray | None, config: TrainConfig):

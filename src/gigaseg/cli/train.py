@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from gigaseg.cli.common import config_dir, to_plain, user_errors
+from gigaseg.cli.workers import LAUNCHED, SWEEP_JOB
 from gigaseg.errors import ConfigError
 
 log = logging.getLogger("gigaseg.train")
@@ -114,6 +116,10 @@ def sweep_job() -> tuple[str | None, dict[str, str]]:
     from gigaseg.cli.sweep import sweep_info
 
     hydra_cfg = HydraConfig.get()
+    handed = os.environ.get(SWEEP_JOB)
+    if handed:  # a local worker of a sweep job: the launcher passed the job's parent and tags on
+        job = json.loads(handed)
+        return job["parent_id"], job["tags"]
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return None, {}
     info = sweep_info(hydra_cfg.sweep.dir)
@@ -138,19 +144,30 @@ def run(cfg: DictConfig) -> float | None:
         git_state,
         process_tags,
     )
-    from gigaseg.training import train
-
     plain = to_plain(cfg)
     root = Path(plain["paths"]["root"])
     config = train_config(plain["train"])
     kwargs = model_kwargs(plain["model"])
     tracking_uri = plain["mlflow"]["tracking_uri"]
+    distributed = distributed_config(plain.get("distributed"))
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    overrides = list(HydraConfig.get().overrides.task)
 
     data_dir = Path(plain["data"]["dir"])
     train_region = load_region(data_dir / "train")
     val_region = load_region(data_dir / "val") if (data_dir / "val").exists() else None
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
-    overrides = list(HydraConfig.get().overrides.task)
+    if distributed.local_workers and not os.environ.get(LAUNCHED):
+        return launch_workers(distributed, overrides, output_dir)
+    from gigaseg.distributed import make_replicas
+    from gigaseg.training import train
+
+    # Before any other TensorFlow work: a multi-worker strategy reconfigures the runtime.
+    replicas = make_replicas(distributed, memory_share=1.0 / max(1, distributed.local_workers))
+    if replicas is not None and not replicas.is_chief:
+        # Other workers compute their share of every step and write nothing shared.
+        train(kwargs, train_region.image, train_region.mask, None, None, config, checkpoint_dir=None, replicas=replicas)
+        log.info("worker finished its %d steps", config.steps)
+        return None
 
     tags = {
         "gigaseg.overrides": " ".join(overrides) or "(none)",
@@ -178,26 +195,25 @@ def run(cfg: DictConfig) -> float | None:
 
     experiment_name = plain["mlflow"]["experiment_name"]
     resume_id = resume_run_id(plain["train"].get("resume"), tracking_uri, experiment_name, cfg_hash)
-    with MlflowRun(
-        tracking_uri,
-        experiment_name,
-        run_name=run_name,
-        run_id=resume_id,
-        parent_run_id=parent_id,
-        params=params,
-        tags=tags,
-        log_system_metrics=bool(plain["mlflow"].get("log_system_metrics")),
-        artifact_location=plain["mlflow"].get("artifact_location"),
-    ) as tracked:
-        log.info("MLflow run %s in %s%s", tracked.run_id, tracking_uri, f" (sweep parent {parent_id})" if parent_id else "")
-        tracked.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        tracked.log_artifact(train_region.path / "manifest.json", "data/train")
-        if val_region is not None:
-            tracked.log_artifact(val_region.path / "manifest.json", "data/val")
-        checkpoint = None
-        with tempfile.TemporaryDirectory() as tmp:
-            if resume_id:
-                checkpoint = resume_checkpoint(resume_id, tracking_uri, Path(tmp))
+    with tempfile.TemporaryDirectory() as scratch:
+        # Found before the run is reopened: that points its gigaseg.checkpoint_dir tag at this folder.
+        checkpoint = resume_checkpoint(resume_id, tracking_uri, Path(scratch)) if resume_id else None
+        with MlflowRun(
+            tracking_uri,
+            experiment_name,
+            run_name=run_name,
+            run_id=resume_id,
+            parent_run_id=parent_id,
+            params=params,
+            tags=tags,
+            log_system_metrics=bool(plain["mlflow"].get("log_system_metrics")),
+            artifact_location=plain["mlflow"].get("artifact_location"),
+        ) as tracked:
+            log.info("MLflow run %s in %s%s", tracked.run_id, tracking_uri, f" (sweep parent {parent_id})" if parent_id else "")
+            tracked.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            tracked.log_artifact(train_region.path / "manifest.json", "data/train")
+            if val_region is not None:
+                tracked.log_artifact(val_region.path / "manifest.json", "data/val")
             result = train(
                 kwargs,
                 train_region.image,
@@ -208,34 +224,62 @@ def run(cfg: DictConfig) -> float | None:
                 checkpoint_dir=output_dir / "checkpoints",
                 resume=checkpoint,
                 logger=tracked,
+                replicas=replicas,
             )
-        tracked.set_tags({"gigaseg.tiled": str(result.tiled), "gigaseg.tile_size": str(result.tile_size)})
-        curves = plot_curves(result.history, output_dir / "curves.png")
-        tracked.log_artifact(curves, "plots")
-        if val_region is not None and result.val_probability is not None:
-            overlay = overlay_png(val_region.image, result.val_probability, val_region.mask,
-                                  output_dir / "val_overlay.png", threshold=config.threshold)
-            tracked.log_artifact(overlay, "plots")
-        summary = {f"final_{k}": v for k, v in result.metrics.items()}
-        with atomic_path(output_dir / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-        tracked.log_metrics(summary, step=config.steps)
-        if plain["train"].get("log_model", True):
-            manifest = train_region.manifest
-            region = manifest.get("region", {})
-            uri = tracked.log_model(
-                result.model,
-                metadata={
-                    "gigaseg_level": region.get("level"),
-                    "gigaseg_mpp": region.get("mpp"),
-                    "gigaseg_total_stride": manifest.get("total_stride"),
-                    "gigaseg_threshold": config.threshold,
-                },
-            )
-            tracked.set_tags({"gigaseg.model_uri": uri})
-            log.info("model logged as %s", uri)
-        log.info("final metrics: %s", json.dumps(result.metrics, sort_keys=True))
+            tracked.set_tags({"gigaseg.tiled": str(result.tiled), "gigaseg.tile_size": str(result.tile_size),
+                              "gigaseg.replicas": replicas.describe() if replicas is not None else "1"})
+            curves = plot_curves(result.history, output_dir / "curves.png")
+            tracked.log_artifact(curves, "plots")
+            if val_region is not None and result.val_probability is not None:
+                overlay = overlay_png(val_region.image, result.val_probability, val_region.mask,
+                                      output_dir / "val_overlay.png", threshold=config.threshold)
+                tracked.log_artifact(overlay, "plots")
+            summary = {f"final_{k}": v for k, v in result.metrics.items()}
+            with atomic_path(output_dir / "metrics.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+            tracked.log_metrics(summary, step=config.steps)
+            if plain["train"].get("log_model", True):
+                manifest = train_region.manifest
+                region = manifest.get("region", {})
+                uri = tracked.log_model(
+                    result.model,
+                    metadata={
+                        "gigaseg_level": region.get("level"),
+                        "gigaseg_mpp": region.get("mpp"),
+                        "gigaseg_total_stride": manifest.get("total_stride"),
+                        "gigaseg_threshold": config.threshold,
+                    },
+                )
+                tracked.set_tags({"gigaseg.model_uri": uri})
+                log.info("model logged as %s", uri)
+            log.info("final metrics: %s", json.dumps(result.metrics, sort_keys=True))
     return result.metrics.get("val_dice")
+
+
+def distributed_config(node: dict[str, Any] | None):
+    """A validated DistributedConfig from the ``distributed`` config node."""
+    from gigaseg.distributed import DistributedConfig
+
+    names = {f.name for f in dataclasses.fields(DistributedConfig)}
+    node = dict(node or {})
+    unknown = sorted(set(node) - names)
+    if unknown:
+        raise ConfigError(f"distributed config has unknown option(s) {', '.join('distributed.' + k for k in unknown)}")
+    config = DistributedConfig(**node)
+    config.validate()
+    return config
+
+
+def launch_workers(distributed, overrides: list[str], output_dir: Path) -> float | None:
+    """Run this training as ``distributed.local_workers`` workers on 127.0.0.1; the chief's val Dice."""
+    from gigaseg.cli.workers import launch
+
+    parent_id, tags = sweep_job()
+    chief = launch("gigaseg.cli.train", overrides, distributed.local_workers, output_dir,
+                   heartbeat_timeout_s=distributed.heartbeat_timeout_s,
+                   sweep_job={"parent_id": parent_id, "tags": tags} if parent_id else None)
+    metrics = json.loads((chief / "metrics.json").read_text())
+    return metrics.get("final_val_dice")
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

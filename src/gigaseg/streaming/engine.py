@@ -37,6 +37,26 @@ _SCALAR = tf.TensorSpec((), tf.float64)
 
 
 @dataclass
+class PassSums:
+    """Pass-1 sums of some tiles (float64: A, B, C, BCE, hard intersection, hard predicted) and the read wait."""
+
+    sums: np.ndarray
+    wait_s: float = 0.0
+
+
+class TileCounter:
+    """Calls ``progress(done, total)`` once per tile done, across both passes."""
+
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+@dataclass
 class StepResult:
     """Loss, metric and gradients of one region, as the plain whole-region step would give them."""
 
@@ -178,55 +198,84 @@ class TiledEngine:
         """
         region_shape = check_region(image, mask, self.total_stride)
         plan = self.plan(region_shape)
-        n = float(region_shape[0] * region_shape[1])
-        variables = self.model.trainable_variables
-        gradients = [np.zeros(v.shape, np.float64) for v in variables]
-        passes = self.passes
-        total, done = passes * len(plan), 0
-        reader = WindowReader(image, mask)
-        fetch = Prefetcher(lambda tile: reader.read(tile.window, tile.core), enabled=self.prefetch)
+        counter = TileCounter(progress, self.passes * len(plan))
         start = time.perf_counter()
+        reader = WindowReader(image, mask)
+        first = self.pass_sums(reader, plan.tiles, counter) if self.passes == 2 else None
+        weights = self.surrogate_weights(first, region_shape)
+        gradients, second, wait_s = self.pass_gradients(reader, plan.tiles, weights, counter)
+        wait_s += first.wait_s if first is not None else 0.0
+        return self.result(region_shape, len(plan), first, gradients, second, wait_s, time.perf_counter() - start)
 
+    # The pieces of a step, for callers that spread a region's tiles over several replicas
+    # (gigaseg.distributed): each runs the passes on its share and sums the partial results.
+
+    def pass_sums(self, reader: WindowReader, tiles, progress: Callable[[], None] | None = None) -> "PassSums":
+        """Pass 1 (Dice losses): float64 sums A, B, C, BCE, hard intersection and predicted over ``tiles``."""
+        fetch = Prefetcher(lambda tile: reader.read(tile.window, tile.core), enabled=self.prefetch)
         sums = np.zeros(6, np.float64)
-        if passes == 2:
-            for tile, (pixels, labels) in fetch(plan):
-                sums += self._sums_fn(pixels, labels, tf.constant(tile.core_offset, tf.int32)).numpy()
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-            a, b, c = sums[0], sums[1], sums[2]
-            weight_background, weight_tissue = dice_pixel_weights(a, b, c)
-        else:
-            weight_background = weight_tissue = 0.0
-        bce_scale = 0.0 if self.loss == "dice" else 1.0 / n
+        for tile, (pixels, labels) in fetch(tiles):
+            sums += self._sums_fn(pixels, labels, tf.constant(tile.core_offset, tf.int32)).numpy()
+            if progress is not None:
+                progress()
+        return PassSums(sums, fetch.wait_s)
 
-        backward_sums = np.zeros(6, np.float64)
-        args = (tf.constant(weight_background, tf.float64), tf.constant(weight_tissue, tf.float64), tf.constant(bce_scale, tf.float64))
-        for tile, (pixels, labels) in fetch(plan):
+    def surrogate_weights(self, first: "PassSums | None", region_shape: tuple[int, int]) -> tuple[float, float, float]:
+        """(dL/dp for background pixels, for tissue pixels, BCE scale) from the region's pass-1 sums."""
+        n = float(region_shape[0] * region_shape[1])
+        weight_background = weight_tissue = 0.0
+        if first is not None:
+            a, b, c = first.sums[0], first.sums[1], first.sums[2]
+            weight_background, weight_tissue = dice_pixel_weights(a, b, c)
+        bce_scale = 0.0 if self.loss == "dice" else 1.0 / n
+        return float(weight_background), float(weight_tissue), bce_scale
+
+    def pass_gradients(
+        self, reader: WindowReader, tiles, weights: tuple[float, float, float], progress: Callable[[], None] | None = None
+    ) -> tuple[list[np.ndarray], np.ndarray, float]:
+        """Pass 2: float64 gradient sums of the surrogate over ``tiles``, their sums, and the read wait."""
+        fetch = Prefetcher(lambda tile: reader.read(tile.window, tile.core), enabled=self.prefetch)
+        gradients = [np.zeros(v.shape, np.float64) for v in self.model.trainable_variables]
+        sums = np.zeros(6, np.float64)
+        args = tuple(tf.constant(w, tf.float64) for w in weights)
+        for tile, (pixels, labels) in fetch(tiles):
             grads, tile_sums = self._grad_fn(pixels, labels, tf.constant(tile.core_offset, tf.int32), *args)
             for total_grad, grad in zip(gradients, grads):
                 total_grad += grad.numpy()
-            backward_sums += tile_sums.numpy()
-            done += 1
+            sums += tile_sums.numpy()
             if progress is not None:
-                progress(done, total)
-        if passes == 1:
-            sums = backward_sums
+                progress()
+        return gradients, sums, fetch.wait_s
+
+    def result(
+        self,
+        region_shape: tuple[int, int],
+        tiles: int,
+        first: "PassSums | None",
+        gradients: list[np.ndarray],
+        second: np.ndarray,
+        wait_s: float,
+        elapsed_s: float,
+    ) -> StepResult:
+        """The step's loss, hard Dice and gradients from the region-wide sums of both passes."""
+        n = float(region_shape[0] * region_shape[1])
+        if first is None:
+            sums = second
         else:
             # The BCE sum is only computed in pass 2 for dice_bce; A, B, C come from pass 1.
-            sums[3] = backward_sums[3]
-
-        elapsed = time.perf_counter() - start
+            sums = first.sums.copy()
+            sums[3] = second[3]
         a, b, c, bce_sum, inter, predicted = (float(v) for v in sums)
         loss = float(loss_from_sums(self.loss, a, b, c, bce_sum, n))
+        variables = self.model.trainable_variables
         return StepResult(
             loss=loss,
             dice=hard_dice(inter, predicted, c),
             # Accumulated in float64; handed out in the variables' dtype, ready for apply_gradients.
             gradients=[g.astype(v.dtype) for g, v in zip(gradients, variables)],
-            tiles=len(plan),
-            data_time_s=fetch.wait_s,
-            compute_time_s=elapsed - fetch.wait_s,
+            tiles=tiles,
+            data_time_s=wait_s,
+            compute_time_s=elapsed_s - wait_s,
             sums={"A": a, "B": b, "C": c, "bce_sum": bce_sum, "n": n, "hard_intersection": inter, "hard_predicted": predicted},
         )
 
