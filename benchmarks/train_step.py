@@ -74,8 +74,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     keras.utils.set_random_seed(0)
     model = build_unet()
     optimizer = keras.optimizers.Adam(1e-3)
-    image = np.load(args.image, mmap_mode="r")
-    mask = np.load(args.mask, mmap_mode="r")
+    image = np.load(args.image, mmap_mode="r", allow_pickle=False)
+    mask = np.load(args.mask, mmap_mode="r", allow_pickle=False)
     height, width = image.shape[:2]
     if args.tiled:
         engine = TiledEngine(model, loss=args.loss, tile_size=args.tile_size, jit_compile=args.jit)

@@ -144,6 +144,34 @@ def test_resume_in_the_middle_of_a_schedule_matches_an_uninterrupted_run(tmp_pat
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def _one_replica():
+    import tensorflow as tf
+
+    from gigaseg.distributed import Replicas
+
+    return Replicas(tf.distribute.MirroredStrategy(devices=["/cpu:0"]))
+
+
+def test_training_through_a_one_replica_strategy_matches_the_tiled_run(tmp_path):
+    """The distributed path of train(): state and tile size broadcast, sums all-reduced (one replica here)."""
+    image, mask = blobs(256, 512, seed=4)
+    common = dict(steps=3, lr=0.02, val_every=3, checkpoint_every=3, progress=False, seed=0, tile_size=128)
+    alone = train(SMALL, image, mask, None, None, TrainConfig(**common), checkpoint_dir=tmp_path / "a")
+    spread = train(SMALL, image, mask, None, None, TrainConfig(**common), checkpoint_dir=tmp_path / "s",
+                   replicas=_one_replica())
+    assert [h["loss"] for h in spread.history] == [h["loss"] for h in alone.history]
+    for a, b in zip(load_checkpoint(tmp_path / "s" / "last.npz").weights, load_checkpoint(tmp_path / "a" / "last.npz").weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_plain_step_cannot_be_spread_over_replicas(tmp_path):
+    image, mask = blobs(128, 256, seed=6)
+    with pytest.raises(ConfigError, match="train.tiled=never .*cannot be spread over replicas"):
+        train(SMALL, image, mask, None, None, TrainConfig(steps=1, tiled="never", progress=False),
+              checkpoint_dir=tmp_path, replicas=_one_replica())
+    assert not (tmp_path / "last.npz").exists()
+
+
 def test_memory_estimate_refuses_an_impossible_plain_step(tmp_path):
     image, mask = blobs(128, 256, seed=6)
     config = TrainConfig(steps=1, tiled="never", memory_budget_mb=1, progress=False)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gigaseg.atomic import atomic_path
+from gigaseg.atomic import atomic_path, write_errors
 from gigaseg.errors import GigasegError
 
 LAST = "last.npz"
@@ -51,7 +51,8 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
 def save_checkpoint(path: Path, model, optimizer, step: int, history: list[dict], extra: dict | None = None) -> Path:
     """Write the checkpoint to a temporary file in the same folder, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {
         "step": np.array(step, dtype=np.int64),
         "history": np.array(json.dumps(history, sort_keys=True)),
@@ -77,7 +78,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):  # numpy refuses object arrays, which would unpickle (and could run code)
+            raise CheckpointError(
+                f"checkpoint {path} holds pickled Python objects, which gigaseg never loads (they could run code); "
+                "it was not written by gigaseg: resume from a checkpoint gigaseg wrote"
+            ) from exc
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete or corrupt ({exc}); delete it or resume from another checkpoint"
+        ) from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(
             f"checkpoint {path} is incomplete or corrupt ({exc}); delete it or resume from another checkpoint"
         ) from exc

@@ -8,15 +8,42 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gigaseg.errors import ConfigError
+from gigaseg.atomic import atomic_path
+from gigaseg.errors import ConfigError, RegionError
 
 log = logging.getLogger(__name__)
 
 MASK_SOURCES = ("synthetic", "geojson", "image", "bootstrap")
+FIT_MODES = ("pad", "crop", "none")
+
+
+def _check_int(option: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+        raise ConfigError(f"{option} must be {what}, got {value!r}")
+
+
+def _check_region(region: "RegionRequest") -> None:
+    """Refuse a region whose name could leave the dataset folder, or whose numbers make no rectangle."""
+    name = str(region.name)
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"data.regions: region name {name!r} must be a plain folder name (no '/', not '.' or '..')")
+    where = f"data.regions.{name}"
+    _check_int(f"{where}.x", region.x, minimum=0)
+    _check_int(f"{where}.y", region.y, minimum=0)
+    _check_int(f"{where}.width", region.width, minimum=1)
+    _check_int(f"{where}.height", region.height, minimum=1)
+    if region.level is not None:
+        _check_int(f"{where}.level", region.level, minimum=0)
+    if region.mpp is not None and (isinstance(region.mpp, bool) or not isinstance(region.mpp, numbers.Real)
+                                   or not (math.isfinite(region.mpp) and region.mpp > 0)):
+        raise ConfigError(f"{where}.mpp must be a positive number of microns per pixel or null, got {region.mpp!r}")
 
 
 @dataclass(frozen=True)
@@ -69,11 +96,17 @@ class DatasetSpec:
             raise ConfigError(f"data.mask.path is required for mask source '{self.mask_source}'")
         if self.mask_source == "synthetic" and self.synthetic is None:
             raise ConfigError("data.mask.source=synthetic needs a synthetic slide (data.slide.synthetic)")
+        if self.fit not in FIT_MODES:
+            raise ConfigError(f"data.fit '{self.fit}' is unknown; choose one of {', '.join(FIT_MODES)}")
+        if self.synthetic is not None:
+            for key in ("height", "width", "tile_size"):
+                _check_int(f"data.slide.synthetic.{key}", getattr(self.synthetic, key), minimum=1)
         if self.max_region is not None and any(int(v) <= 0 for v in self.max_region):
             raise ConfigError(f"data.max_region must be two positive sizes (height, width), got {self.max_region}")
         if not self.regions:
             raise ConfigError("data.regions lists no region; give at least a 'train' region")
         for region in self.regions:
+            _check_region(region)
             if region.mask_path is None and self.mask_source == "image":
                 raise ConfigError(f"data.regions.{region.name}.mask_path is required for mask source 'image'")
 
@@ -148,7 +181,8 @@ def ensure_synthetic_slide(spec: DatasetSpec, recipe: SyntheticRecipe | None, *,
         mask_path=mask_path,
         progress=progress,
     )
-    recipe_file.write_text(wanted)
+    with atomic_path(recipe_file) as tmp:
+        tmp.write_text(wanted)
     return asdict(recipe)
 
 
@@ -214,17 +248,20 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
             extra = {"request": request, **spec.extra}
             if recipe is not None:
                 extra["seed"] = recipe["seed"]
-            manifests[region.name] = prepare_region(
-                reader,
-                region_spec,
-                mask_source_for(spec, region),
-                out,
-                total_stride=total_stride,
-                fit=spec.fit,
-                pad_value=tuple(spec.pad_value),
-                extra_manifest=extra,
-                progress=progress,
-                slide_path=spec.slide_path,
-            )
+            try:
+                manifests[region.name] = prepare_region(
+                    reader,
+                    region_spec,
+                    mask_source_for(spec, region),
+                    out,
+                    total_stride=total_stride,
+                    fit=spec.fit,
+                    pad_value=tuple(spec.pad_value),
+                    extra_manifest=extra,
+                    progress=progress,
+                    slide_path=spec.slide_path,
+                )
+            except RegionError as exc:  # say which configured region, not only which rectangle
+                raise RegionError(f"data.regions.{region.name}: {exc}") from exc
             log.info("prepared region %s in %s", region.name, out)
     return manifests

@@ -23,3 +23,18 @@ class ConfigError(GigasegError):
 
 class MemoryPlanError(GigasegError):
     """A run would not fit in the memory available; the message says what would."""
+
+
+class WriteError(GigasegError, OSError):
+    """An output cannot be written: a read-only folder, a full disk, a file size limit.
+
+    Also an ``OSError`` (with the original ``errno``), so code that handles OS errors keeps working.
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None, filename: str | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return str(self.args[0])

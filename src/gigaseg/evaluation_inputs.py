@@ -159,9 +159,11 @@ class GeoJSONTissue:
     """QuPath annotations rasterised band by band at the prediction's level (pixel-centre rule)."""
 
     def __init__(self, path: Path, shape: tuple[int, int], downsample: float, classes: Sequence[str] | None) -> None:
-        from gigaseg.data.geojson import bounding_boxes, load_annotations
+        from gigaseg.data.geojson import bounding_boxes, check_inside, load_annotations
 
         self.polygons = load_annotations(path, classes=classes)
+        # The prediction covers its whole slide level, so annotations must lie on that slide.
+        check_inside(self.polygons, shape[1] * downsample, shape[0] * downsample, "the predicted slide")
         self._bboxes = bounding_boxes(self.polygons)
         self.shape, self.downsample = shape, float(downsample)
 

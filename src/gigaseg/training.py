@@ -294,11 +294,12 @@ def train(
         result = engine.step(train_image, train_mask, progress=progress)
         if bar is not None:
             bar.close()
-        if not math.isfinite(result.loss):
-            where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
-            raise TrainingDivergedError(
-                f"the loss became {result.loss} at step {step} (no update applied){where}; lower train.lr or check the data"
-            )
+        finite_gradients = all(np.isfinite(g).all() for g in result.gradients)
+        if not (math.isfinite(result.loss) and finite_gradients):
+            what = f"the loss became {result.loss}" if not math.isfinite(result.loss) else "a gradient became NaN or infinite"
+            where = (f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint
+                     else "; no checkpoint was written yet (a lower train.checkpoint_every keeps more)")
+            raise TrainingDivergedError(f"{what} at step {step} (no update applied){where}; lower train.lr or check the data")
         optimizer.apply_gradients(zip(result.gradients, model.trainable_variables))
         step_time = time.perf_counter() - t0
         record: dict[str, Any] = {

@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from gigaseg.cli.common import config_dir, to_plain, user_errors
+from gigaseg.cli.common import config_dir, run_hydra, to_plain, user_errors
 from gigaseg.errors import ConfigError, MaskError
 
 log = logging.getLogger("gigaseg.evaluate")
@@ -38,7 +38,11 @@ def prediction_file(path: Path) -> Path:
         files = json.loads((path / "summary.json").read_text(encoding="utf-8")).get("files") or {}
     except (OSError, ValueError, AttributeError):
         files = {}
-    mask = path / str(files.get("mask") or "mask.tiff")
+    name = str(files.get("mask") or "mask.tiff")
+    if Path(name).name != name or name in (".", ".."):
+        raise MaskError(f"{path / 'summary.json'} names the mask {name!r}, which is not a file in that folder; "
+                        "give the mask file itself")
+    mask = path / name
     if not mask.is_file():
         raise MaskError(f"prediction folder {path} holds no predicted mask ({mask.name}); give the mask file itself")
     return mask
@@ -60,7 +64,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate as the composed config says; returns what evaluation.json holds."""
     from gigaseg.atomic import atomic_path
     from gigaseg.evaluation_inputs import REFERENCE_TYPES, evaluate_files
-    from gigaseg.tracking import MlflowRun, flatten_config, git_state
+    from gigaseg.tracking import MlflowRun, check_tracking_store, flatten_config, git_state
 
     plain = to_plain(cfg)
     if not plain.get("prediction") or not plain.get("reference"):
@@ -73,6 +77,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     classes = plain.get("classes")
     if isinstance(classes, str):
         classes = [classes]
+    if plain.get("log_mlflow", True):
+        check_tracking_store(plain["mlflow"]["tracking_uri"])  # an unreachable store fails now, not after the work
     prediction, reference = prediction_file(Path(plain["prediction"])), Path(plain["reference"])
     output_dir = Path(plain.get("output_dir") or HydraConfig.get().runtime.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -117,9 +123,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     with user_errors():
         run(cfg)
+
+
+def main() -> None:
+    """Console entry point: Hydra composes the config; a config it cannot compose is one line ``error: ...``."""
+    run_hydra(_hydra_main)
 
 
 if __name__ == "__main__":

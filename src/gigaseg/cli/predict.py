@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gigaseg.cli.common import config_dir, to_plain, user_errors
+from gigaseg.cli.common import config_dir, run_hydra, to_plain, user_errors
 from gigaseg.errors import ConfigError
 
 log = logging.getLogger("gigaseg.predict")
@@ -31,8 +31,11 @@ _SAFE = re.compile(r"^[A-Za-z0-9_./+@%-]+$")
 
 
 def _stem(path: str) -> str:
-    """A folder name for a slide: its file name without the extension, made safe."""
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(str(path)).stem) or "slide"
+    """A folder name for a slide: its file name without the extension, made safe.
+
+    Never ``.`` or ``..`` (a slide named ``...svs``) nor hidden: the folder stays inside the output folder.
+    """
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(str(path)).stem).lstrip(".") or "slide"
 
 
 if not OmegaConf.has_resolver("gigaseg_stem"):
@@ -115,13 +118,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Predict one slide as the composed config says; returns the summary."""
     from gigaseg.inference import load_model, predict_slide
     from gigaseg.slides import open_slide
-    from gigaseg.tracking import MlflowRun, flatten_config, git_state
+    from gigaseg.tracking import MlflowRun, check_tracking_store, flatten_config, git_state
 
     for key in ("model_uri", "slide"):
         if OmegaConf.is_missing(cfg, key) or not cfg[key]:
             raise ConfigError(f"{key}=... is required, e.g. gigaseg-predict model_uri=runs:/<run id>/model slide=/path/slide.svs")
     plain = to_plain(cfg)
     tracking_uri = plain["mlflow"]["tracking_uri"]
+    model_uri = str(plain["model_uri"])
+    if plain.get("log_mlflow", True) or model_uri.startswith(("runs:/", "models:/")):
+        check_tracking_store(tracking_uri)  # an unreachable store fails now, not after the prediction
     slide = Path(str(plain["slide"])).expanduser()
     open_slide(slide).close()  # a bad slide fails now, before any run is logged
     hydra_cfg = HydraConfig.get()
@@ -131,12 +137,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             output_dir = output_dir / _stem(str(slide))  # one folder per slide
     else:
         output_dir = Path(hydra_cfg.runtime.output_dir)
-    model_uri = str(plain["model_uri"])
 
     with tempfile.TemporaryDirectory(prefix="gigaseg-model-") as tmp:
         loaded = load_model(resolve_model(model_uri, tracking_uri, Path(tmp)))
     threshold = loaded.threshold if plain.get("threshold") is None else float(plain["threshold"])
     options = predict_options(plain, threshold)
+    options.validate(loaded.total_stride)  # before a run is logged; predict_slide checks the halo too
     extra = {"model_uri": model_uri, "model_run_id": loaded.run_id, "output_dir": str(output_dir.resolve())}
     kwargs = {"model_level": loaded.level, "model_mpp": loaded.mpp}
 
@@ -191,7 +197,7 @@ def main() -> None:
     with user_errors():
         sys.argv[1:] = expand_slides(sys.argv[1:])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _hydra_main()
+    run_hydra(_hydra_main)
 
 
 if __name__ == "__main__":

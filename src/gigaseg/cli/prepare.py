@@ -10,7 +10,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from gigaseg.cli.common import config_dir, to_plain, user_errors
+from gigaseg.cli.common import config_dir, run_hydra, to_plain, user_errors
 from gigaseg.errors import ConfigError
 
 log = logging.getLogger("gigaseg.prepare")
@@ -50,17 +50,26 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     plain = to_plain(cfg)
     spec = dataset_spec(plain["data"])
     # The product of the strides, without importing TensorFlow for it.
-    stride = math.prod(int(s) for s in plain["model"]["strides"])
+    strides = plain["model"]["strides"]
+    if not isinstance(strides, list) or not strides or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0
+                                                            for s in strides):
+        raise ConfigError(f"model.strides must be a list of positive integers, got {strides!r}")
+    stride = math.prod(strides)
     return prepare_dataset(spec, total_stride=stride, progress=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     with user_errors():
         manifests = run(cfg)
         for name, manifest in manifests.items():
             region = manifest.get("region", {})
             log.info("%s: %s", name, region)
+
+
+def main() -> None:
+    """Console entry point: Hydra composes the config; a config it cannot compose is one line ``error: ...``."""
+    run_hydra(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gigaseg.cli.common import config_dir, to_plain, user_errors
+from gigaseg.cli.common import config_dir, run_hydra, to_plain, user_errors
 from gigaseg.cli.workers import LAUNCHED, SWEEP_JOB
 from gigaseg.errors import ConfigError
 
@@ -139,6 +139,7 @@ def run(cfg: DictConfig) -> float | None:
     from gigaseg.plots import overlay_png, plot_curves
     from gigaseg.tracking import (
         MlflowRun,
+        check_tracking_store,
         dvc_data_digest,
         flatten_config,
         git_state,
@@ -157,17 +158,21 @@ def run(cfg: DictConfig) -> float | None:
     train_region = load_region(data_dir / "train")
     val_region = load_region(data_dir / "val") if (data_dir / "val").exists() else None
     if distributed.local_workers and not os.environ.get(LAUNCHED):
+        check_tracking_store(tracking_uri)  # fail now, not once the workers are up
         return launch_workers(distributed, overrides, output_dir)
     from gigaseg.distributed import make_replicas
+    from gigaseg.model import build_unet
     from gigaseg.training import train
 
     # Before any other TensorFlow work: a multi-worker strategy reconfigures the runtime.
     replicas = make_replicas(distributed, memory_share=1.0 / max(1, distributed.local_workers))
+    build_unet(**kwargs)  # a model config that cannot be built fails here, before any run is opened
     if replicas is not None and not replicas.is_chief:
         # Other workers compute their share of every step and write nothing shared.
         train(kwargs, train_region.image, train_region.mask, None, None, config, checkpoint_dir=None, replicas=replicas)
         log.info("worker finished its %d steps", config.steps)
         return None
+    check_tracking_store(tracking_uri)
 
     tags = {
         "gigaseg.overrides": " ".join(overrides) or "(none)",
@@ -283,9 +288,14 @@ def launch_workers(distributed, overrides: list[str], output_dir: Path) -> float
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     with user_errors():
         return run(cfg)
+
+
+def main() -> float | None:
+    """Console entry point (config errors Hydra finds end in one line, too)."""
+    return run_hydra(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ from gigaseg.slides.base import SlideReader
 
 log = logging.getLogger(__name__)
 
+#: Larger coordinates are no slide's level-0 pixels, and would overflow the rasteriser's
+#: float arithmetic (edge crossings multiply two coordinate differences).
+MAX_COORDINATE = 1e12
+
 
 @dataclass(frozen=True)
 class Polygon:
@@ -52,6 +56,11 @@ def _ring(raw: Any, where: str) -> np.ndarray:
     ring = ring[:, :2].astype(np.float64)
     if not np.isfinite(ring).all():
         raise MaskError(f"{where}: ring coordinates must be finite numbers (found NaN or infinity)")
+    if np.abs(ring).max() > MAX_COORDINATE:
+        raise MaskError(
+            f"{where}: coordinate {np.abs(ring).max():g} is beyond +-{MAX_COORDINATE:g}, far outside any slide; "
+            "annotations must be in level-0 pixels: export them again from QuPath"
+        )
     if len(ring) > 1 and np.array_equal(ring[0], ring[-1]):
         ring = ring[:-1]
     # At least three distinct points: one differing from the first, and one from both.
@@ -90,7 +99,12 @@ def _geometry(geom: Any, where: str, classification: str | None) -> Iterable[Pol
         for j, part in enumerate(parts):
             yield _polygon(part, f"{where}, polygon {j}", classification)
     elif kind == "GeometryCollection":
-        for j, sub in enumerate(geom.get("geometries") or []):
+        geometries = geom.get("geometries")
+        if geometries is None:
+            geometries = []
+        if not isinstance(geometries, list):
+            raise MaskError(f"{where}: GeometryCollection 'geometries' must be a list of geometries, got {str(geometries)[:80]}")
+        for j, sub in enumerate(geometries):
             yield from _geometry(sub, f"{where}, geometry {j}", classification)
     else:
         raise MaskError(
@@ -110,6 +124,21 @@ def _classification(feature: dict) -> str | None:
     if isinstance(cls, str):
         return cls
     return None
+
+
+def _collect(features: list, wanted: set[str] | None, source: str, found_classes: set, polygons: list) -> None:
+    """Append the polygons of the wanted features to ``polygons``, and every class seen to ``found_classes``."""
+    for i, feature in enumerate(features):
+        where = f"{source}: feature {i}"
+        if not isinstance(feature, dict) or feature.get("type") != "Feature":
+            raise MaskError(f"{where} is not a GeoJSON Feature object")
+        name = _classification(feature)
+        found_classes.add(name)
+        if wanted is not None and name not in wanted:
+            continue
+        if feature.get("geometry") is None:
+            raise MaskError(f"{where} has no geometry")
+        polygons.extend(_geometry(feature["geometry"], f"{where} ({name or 'unclassified'})", name))
 
 
 def parse_annotations(data: Any, *, classes: Sequence[str] | None = None, source: str = "GeoJSON") -> list[Polygon]:
@@ -140,21 +169,16 @@ def parse_annotations(data: Any, *, classes: Sequence[str] | None = None, source
     wanted = None if classes is None else {str(c) for c in classes}
     found_classes: set[str | None] = set()
     polygons: list[Polygon] = []
-    for i, feature in enumerate(features):
-        where = f"{source}: feature {i}"
-        if not isinstance(feature, dict) or feature.get("type") != "Feature":
-            raise MaskError(f"{where} is not a GeoJSON Feature object")
-        name = _classification(feature)
-        found_classes.add(name)
-        if wanted is not None and name not in wanted:
-            continue
-        if feature.get("geometry") is None:
-            raise MaskError(f"{where} has no geometry")
-        polygons.extend(_geometry(feature["geometry"], f"{where} ({name or 'unclassified'})", name))
+    try:
+        _collect(features, wanted, source, found_classes, polygons)
+    except RecursionError:
+        raise MaskError(f"{source}: geometry collections nested too deeply; flatten the annotations") from None
+    if not polygons and wanted is None:
+        raise MaskError(f"{source}: the file holds no polygon annotations (only empty geometry collections)")
     if not polygons:
         shown = ", ".join(sorted(repr(c) for c in found_classes if c is not None)) or "none"
         raise MaskError(
-            f"{source}: no annotations of class {', '.join(sorted(wanted or []))}; classes in the file: {shown}"
+            f"{source}: no annotations of class {', '.join(sorted(wanted))}; classes in the file: {shown}"
         )
     return polygons
 
@@ -163,12 +187,17 @@ def load_annotations(path: str | Path, *, classes: Sequence[str] | None = None) 
     """Read and parse a GeoJSON file (see ``parse_annotations``)."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig also reads files that an editor saved with a byte-order mark.
+        with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except FileNotFoundError as exc:
         raise MaskError(f"annotation file {path} does not exist; check the path") from exc
+    except OSError as exc:
+        raise MaskError(f"annotation file {path} cannot be read ({exc.strerror or exc}); check the path") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise MaskError(f"annotation file {path.name} is not valid JSON ({exc}); export it again from QuPath") from exc
+    except RecursionError:
+        raise MaskError(f"annotation file {path.name} is nested too deeply to be GeoJSON; export it again from QuPath") from None
     return parse_annotations(data, classes=classes, source=f"annotation file {path.name}")
 
 
@@ -236,6 +265,30 @@ def rasterise(polygons: Sequence[Polygon], location: Sequence[int], downsample: 
     return out
 
 
+#: How far a polygon may overhang the slide, as a share of its width or height: outlines drawn
+#: up to the edge can overshoot it a little (they are clipped); further out, the coordinates
+#: are in another space.
+OVERHANG = 0.05
+
+
+def check_inside(polygons: Sequence[Polygon], width: float, height: float, name: str) -> None:
+    """Refuse polygons entirely outside a ``width`` x ``height`` level-0 extent, or overhanging it by more than ``OVERHANG``."""
+    for poly in polygons:
+        xmin, ymin, xmax, ymax = poly.bbox
+        if xmax <= 0 or ymax <= 0 or xmin >= width or ymin >= height:
+            where = "entirely outside"
+        elif (xmin < -OVERHANG * width or ymin < -OVERHANG * height
+              or xmax > (1 + OVERHANG) * width or ymax > (1 + OVERHANG) * height):
+            where = "far outside"
+        else:
+            continue
+        raise MaskError(
+            f"{poly.label} spans x {xmin:g}..{xmax:g}, y {ymin:g}..{ymax:g}, {where} {name} "
+            f"({width:g}x{height:g} level-0 px); the coordinates are probably in another space "
+            "(microns, a downsampled level, or another slide): export them in level-0 pixels"
+        )
+
+
 class GeoJSONMask(BaseMaskSource):
     """Tissue mask rasterised from a QuPath GeoJSON export (coordinates in level-0 pixels)."""
 
@@ -254,16 +307,9 @@ class GeoJSONMask(BaseMaskSource):
         self._downsamples = tuple(float(d) for d in reader.level_downsamples)
 
     def check_bounds(self, reader: SlideReader) -> None:
-        """Refuse polygons that lie entirely outside the slide: their coordinates are likely not level-0 px."""
+        """Refuse polygons outside the slide (see ``check_inside``): their coordinates are likely not level-0 px."""
         width, height = reader.dimensions
-        for poly in self.polygons:
-            xmin, ymin, xmax, ymax = poly.bbox
-            if xmax <= 0 or ymax <= 0 or xmin >= width or ymin >= height:
-                raise MaskError(
-                    f"{poly.label} spans x {xmin:g}..{xmax:g}, y {ymin:g}..{ymax:g}, entirely outside "
-                    f"{reader.name} ({width}x{height} level-0 px); the coordinates are probably in another "
-                    "space (microns, a downsampled level, or another slide): export them in level-0 pixels"
-                )
+        check_inside(self.polygons, width, height, reader.name)
 
     def read(self, location: Sequence[int], level: int, size: Sequence[int]) -> np.ndarray:
         if self._downsamples is None:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from gigaseg.atomic import write_errors
 from gigaseg.data.manifest import (
     IMAGE_NAME,
     MANIFEST_NAME,
@@ -134,50 +135,52 @@ def prepare_region(
     out_dir = Path(out_dir)
     region = fit_region(reader, spec, total_stride=total_stride, fit=fit, pad_value=pad_value)
     slide = slide_facts(reader, slide_path if slide_path is not None else getattr(reader, "path", None))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out_dir)
-    tmp = _sibling(out_dir, _TMP_TAG)
-    tmp.mkdir()
+    with write_errors(out_dir):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out_dir)
+        tmp = _sibling(out_dir, _TMP_TAG)
+        tmp.mkdir()
     try:
-        scratch = tmp / ".scratch"
-        scratch.mkdir()
-        attach = getattr(mask_source, "attach", None)
-        try:
-            if attach is not None:
-                try:
-                    attach(reader, region, scratch)
-                except SlideError as exc:
-                    raise SlideError(
-                        f"{reader.name}: cannot read the region at level-0 ({region.x}, {region.y}), level "
-                        f"{region.level}, for the {getattr(mask_source, 'kind', 'mask')} mask ({exc})"
-                    ) from exc
-            tissue = _write_region(reader, region, mask_source, tmp, tile_size, progress)
-            mask_desc = mask_source.describe()
-        finally:
-            close = getattr(mask_source, "close", None)
-            if close is not None:
-                close()
-        shutil.rmtree(scratch)
-        width, height = region.size
-        manifest = build_manifest(
-            slide=slide,
-            region=region.describe(),
-            mask=mask_desc,
-            total_stride=total_stride,
-            tissue_fraction=tissue / (width * height),
-            image_shape=(height, width, 3),
-            mask_shape=(height, width),
-            extra=extra_manifest,
-        )
-        manifest = relative_paths(manifest, out_dir)
-        write_manifest(tmp / MANIFEST_NAME, manifest)
-        _fsync_dir(tmp)
-        old = None
-        if out_dir.exists() or out_dir.is_symlink():
-            old = _sibling(out_dir, _OLD_TAG)
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        _fsync_dir(out_dir.parent)
+        with write_errors(out_dir, folder=tmp):
+            scratch = tmp / ".scratch"
+            scratch.mkdir()
+            attach = getattr(mask_source, "attach", None)
+            try:
+                if attach is not None:
+                    try:
+                        attach(reader, region, scratch)
+                    except SlideError as exc:
+                        raise SlideError(
+                            f"{reader.name}: cannot read the region at level-0 ({region.x}, {region.y}), level "
+                            f"{region.level}, for the {getattr(mask_source, 'kind', 'mask')} mask ({exc})"
+                        ) from exc
+                tissue = _write_region(reader, region, mask_source, tmp, tile_size, progress)
+                mask_desc = mask_source.describe()
+            finally:
+                close = getattr(mask_source, "close", None)
+                if close is not None:
+                    close()
+            shutil.rmtree(scratch)
+            width, height = region.size
+            manifest = build_manifest(
+                slide=slide,
+                region=region.describe(),
+                mask=mask_desc,
+                total_stride=total_stride,
+                tissue_fraction=tissue / (width * height),
+                image_shape=(height, width, 3),
+                mask_shape=(height, width),
+                extra=extra_manifest,
+            )
+            manifest = relative_paths(manifest, out_dir)
+            write_manifest(tmp / MANIFEST_NAME, manifest)
+            _fsync_dir(tmp)
+            old = None
+            if out_dir.exists() or out_dir.is_symlink():
+                old = _sibling(out_dir, _OLD_TAG)
+                out_dir.rename(old)
+            tmp.rename(out_dir)
+            _fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -203,7 +206,7 @@ class Region:
 
 def _max_value(path: Path, chunk_bytes: int = 1 << 24) -> int:
     """Largest byte of a uint8 .npy's data, read in chunks (no mapping, bounded memory)."""
-    mm = np.load(path, mmap_mode="r")
+    mm = np.load(path, mmap_mode="r", allow_pickle=False)
     offset, nbytes = int(mm.offset), int(mm.nbytes)
     del mm
     largest = 0

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gigaseg.atomic import atomic_path
+from gigaseg.atomic import atomic_path, write_errors
 from gigaseg.errors import ConfigError, RegionError
 from gigaseg.inference.overlay import slide_thumbnail, write_overlay
 from gigaseg.inference.tiff import KINDS, TIFF_TILE_SIZES, block_sums, write_mask_tiff
@@ -55,8 +55,8 @@ class PredictOptions:
     thumbnail_size: int = 1024
     progress: bool = True
 
-    def validate(self, total_stride: int) -> None:
-        """Raise ConfigError naming the first invalid option."""
+    def validate(self, total_stride: int, halo: int | None = None) -> None:
+        """Raise ConfigError naming the first invalid option (``halo``: the model's, when known)."""
         if self.kind not in KINDS:
             raise ConfigError(f"kind '{self.kind}' is unknown; choose one of {', '.join(KINDS)}")
         if not 0.0 < self.threshold < 1.0:
@@ -69,12 +69,21 @@ class PredictOptions:
                 f"tile_size {self.tile_size} must be a positive multiple of {unit} (the model's total stride "
                 f"{total_stride} and the TIFF tile {self.tiff_tile_size}), e.g. {max(unit, self.tile_size // unit * unit)}"
             )
+        if halo is not None and self.tile_size < halo:
+            raise ConfigError(
+                f"tile_size {self.tile_size} is smaller than the model's halo {halo}: every tile would read and "
+                f"compute more halo than tile; use tile_size={math.ceil(halo / unit) * unit} or more"
+            )
         if self.min_area_um2 < 0:
             raise ConfigError(f"min_area_um2 must be zero or positive, got {self.min_area_um2}")
         if self.outline_max_mpx <= 0:
             raise ConfigError(f"outline_max_mpx must be positive, got {self.outline_max_mpx}")
         if self.readers < 1:
             raise ConfigError(f"readers must be at least 1, got {self.readers}")
+        if self.thumbnail_size < 1:
+            raise ConfigError(f"thumbnail_size must be a positive number of pixels, got {self.thumbnail_size}")
+        if not 0 <= self.compression_level <= 9:
+            raise ConfigError(f"compression_level must lie in 0..9 (deflate), got {self.compression_level}")
 
 
 def choose_level(
@@ -190,9 +199,10 @@ def predict_slide(
 
     start = time.perf_counter()
     engine = TiledEngine(model, tile_size=options.tile_size, jit_compile=options.jit_compile)
-    options.validate(engine.total_stride)
+    options.validate(engine.total_stride, engine.halo)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with write_errors(output_dir):
+        output_dir.mkdir(parents=True, exist_ok=True)
     slide_path = Path(slide_path)
     with open_slide(slide_path) as slide:
         level = choose_level(slide, level=options.level, mpp=options.mpp, model_level=model_level, model_mpp=model_mpp)

@@ -24,7 +24,7 @@ import imagecodecs
 import numpy as np
 import tifffile
 
-from gigaseg.atomic import atomic_path
+from gigaseg.atomic import atomic_path, write_errors
 from gigaseg.slides.synthetic import LEVEL_FACTOR, pyramid_dimensions
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,8 @@ def write_mask_tiff(
     text = json.dumps(description or {}, sort_keys=True)
 
     with ExitStack() as stack:
+        # The scratch levels are written beside the output too: a full or read-only disk names the output.
+        stack.enter_context(write_errors(path))
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent))
         raws = [_RawLevel(os.path.join(scratch, f"level{k}"), w, h) for k, (w, h) in enumerate(dims) if k > 0]
         for raw in raws:

@@ -43,6 +43,11 @@ class OpenSlideReader(SlideReader):
         if self.path.is_dir():
             raise SlideError(f"{self.path} is a folder, not a slide file; give the path of the slide itself")
         try:
+            with open(self.path, "rb") as f:  # OpenSlide reports an unreadable file as "unsupported"
+                f.read(1)
+        except OSError as exc:
+            raise SlideError(f"cannot read slide file {self.path}: {exc.strerror or exc}; check its permissions") from exc
+        try:
             self._slide = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
             raise SlideError(
@@ -98,6 +103,7 @@ class OpenSlideReader(SlideReader):
         try:
             image = self._slide.read_region(location, level, size)
         except openslide.OpenSlideError as exc:
+            self._reopen()
             raise SlideError(
                 f"{self.name}: cannot read the region at level-0 (x={location[0]}, y={location[1]}) of "
                 f"{size[0]}x{size[1]} (w x h) at level {level}: {exc}; the slide file is probably corrupt"
@@ -112,6 +118,16 @@ class OpenSlideReader(SlideReader):
         a = alpha.astype(np.uint16)[..., None]
         out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
         return out.astype(np.uint8)
+
+    def _reopen(self) -> None:
+        """A fresh handle after a failed read: OpenSlide fails every later call on a handle that saw an error,
+        which would blame the next regions for this one's corrupt tile."""
+        try:
+            fresh = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideError:
+            return  # keep the failed handle: later reads fail and say so
+        # Not closed here: another reader thread may be inside a call on it; it is closed once unreferenced.
+        self._slide = fresh
 
     def close(self) -> None:
         if not self._closed:

@@ -24,6 +24,7 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
+from gigaseg.atomic import write_errors
 from gigaseg.errors import ConfigError, MaskError
 from gigaseg.slides.synthetic_layout import SyntheticLayout, make_layout
 from gigaseg.slides.synthetic_render import render_region
@@ -195,6 +196,7 @@ def write_synthetic_slide(
 
     temps = [t.with_name(f".{t.name}.{os.getpid()}.partial") for t in targets]
     with ExitStack() as stack:
+        stack.enter_context(write_errors(path))  # a read-only or full disk is named as such
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix=".gigaseg-synth-", dir=path.parent))
         bar = stack.enter_context(
             tqdm(total=sum(n_tiles) * len(targets), unit="tile", desc=path.name, disable=not progress)

@@ -6,6 +6,7 @@ property-test. Coordinates are (row, column) in region pixels, half-open interva
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 from gigaseg.errors import RegionError
@@ -78,17 +79,63 @@ def _count(size: int, tile: int) -> int:
     return -(-size // tile)
 
 
+def _pixels(value, what: str) -> int:
+    """``value`` as a Python int, or RegionShapeError if it is not an integer (bools and floats included)."""
+    if isinstance(value, bool):
+        raise RegionShapeError(f"{what} must be an integer number of pixels, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise RegionShapeError(f"{what} must be an integer number of pixels, got {value!r}") from None
+
+
+def _check_stride(total_stride) -> int:
+    stride = _pixels(total_stride, "the total stride")
+    if stride <= 0:
+        raise RegionShapeError(f"the total stride must be a positive integer, got {total_stride!r}")
+    return stride
+
+
+def _pair(value, what: str, expected: str = "a (height, width) pair of integers") -> tuple[int, int]:
+    """A (height, width) pair of ints from any two-element sequence (tuple, list, array, Hydra list)."""
+    try:
+        values = None if isinstance(value, (str, bytes)) else list(value)
+    except TypeError:
+        values = None
+    if values is None or len(values) != 2:
+        raise RegionShapeError(f"{what} must be {expected}, got {value!r}")
+    return _pixels(values[0], f"{what} height"), _pixels(values[1], f"{what} width")
+
+
 def as_tile_shape(tile_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """Accept an int (square tiles) or a (height, width) pair."""
-    if isinstance(tile_size, int):
-        return tile_size, tile_size
-    th, tw = (int(v) for v in tile_size)
+    """Accept an int (square tiles) or a (height, width) pair; RegionShapeError for anything else."""
+    if not isinstance(tile_size, bool):
+        try:
+            side = operator.index(tile_size)  # int and NumPy integers
+        except TypeError:
+            pass
+        else:
+            return side, side
+    return _pair(tile_size, "tile_size", "an integer or a (height, width) pair of integers")
+
+
+def check_tile_shape(tile_size: int | tuple[int, int] | list[int], total_stride: int) -> tuple[int, int]:
+    """The (height, width) of ``tile_size``, or RegionShapeError unless both are positive multiples of the total stride."""
+    stride = _check_stride(total_stride)
+    th, tw = as_tile_shape(tile_size)
+    for name, v in (("tile height", th), ("tile width", tw)):
+        if v <= 0 or v % stride:
+            suggestion = max(stride, v - v % stride)
+            raise RegionShapeError(
+                f"{name} {v} is not a positive multiple of the total stride {stride}; use a multiple such as {suggestion}"
+            )
     return th, tw
 
 
 def check_region_shape(region_shape: tuple[int, int], total_stride: int) -> None:
     """Raise RegionShapeError unless both region dimensions are positive multiples of the total stride."""
-    h, w = region_shape
+    total_stride = _check_stride(total_stride)
+    h, w = _pair(region_shape, "region shape")
     if h <= 0 or w <= 0 or h % total_stride or w % total_stride:
         fit_h, fit_w = (max(total_stride, v - v % total_stride) for v in (h, w))
         raise RegionShapeError(
@@ -108,14 +155,11 @@ def plan_tiles(
     the region is. Each window is the core grown by ``halo`` on every side, clipped at the
     region border, where the model's own padding is the same as for the whole region.
     """
-    if total_stride <= 0:
-        raise ValueError(f"total_stride must be positive, got {total_stride}")
-    region_shape = (int(region_shape[0]), int(region_shape[1]))
+    total_stride = _check_stride(total_stride)
     check_region_shape(region_shape, total_stride)
-    th, tw = as_tile_shape(tile_size)
-    for name, v in (("tile height", th), ("tile width", tw)):
-        if v <= 0 or v % total_stride:
-            raise RegionShapeError(f"{name} {v} is not a positive multiple of the total stride {total_stride}")
+    region_shape = _pair(region_shape, "region shape")
+    th, tw = check_tile_shape(tile_size, total_stride)
+    halo = _pixels(halo, "halo")
     if halo < 0 or halo % total_stride:
         raise RegionShapeError(f"halo {halo} is not a non-negative multiple of the total stride {total_stride}")
     h, w = region_shape
