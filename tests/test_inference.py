@@ -260,3 +260,15 @@ def test_gigaseg_evaluate_reads_the_predicted_mask_as_agreed(model, synthetic_sl
         reference = plain_probabilities(model, slide, 1)
     expected = count(reference, read_mask_region(truth, (0, 0), 1, (175, 75)), threshold=0.5)
     assert result.counts == expected
+
+
+def test_predict_slide_leaves_no_engine_behind(model, synthetic_slide, tmp_path):
+    # An engine's traced graphs are reference cycles; predict_slide collects them before it
+    # returns, so a process predicting slide after slide does not grow (benchmarks/soak.py).
+    import gc
+
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if isinstance(o, TiledEngine)}
+    predict_slide(model, synthetic_slide, tmp_path / "out", PredictOptions(level=1, tile_size=512, progress=False))
+    after = {id(o) for o in gc.get_objects() if isinstance(o, TiledEngine)}
+    assert after <= before

@@ -7,6 +7,7 @@ not on the slide size.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -272,6 +273,13 @@ def predict_slide(
     write_summary(output_dir / SUMMARY_FILE, summary)
     log.info("%s: tissue %.1f %%, %d piece(s), %.1f Mpx in %.1f s (%.1f Mpx/s)", slide.name,
              100 * summary["tissue_fraction"], summary["pieces"], mpx, seconds, summary["mpx_per_s"])
+    # The engine's traced graphs are reference cycles (so is a model that the caller loaded
+    # for an earlier slide and dropped), which Python frees only at a full collection; among
+    # TensorFlow's half a million objects those come ever more rarely, so a process predicting
+    # slide after slide grew by 0.4-0.5 MB per slide without this (benchmarks/soak.py).
+    # A full collection takes a few tenths of a second.
+    engine = None  # the nested blocks() still refers to this name
+    gc.collect()
     return summary
 
 

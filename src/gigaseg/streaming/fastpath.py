@@ -58,31 +58,43 @@ def _s2d_kernel_index(k: int, f: int, pad: int, cin: int, cout: int) -> tuple[np
     return index.transpose(0, 2, 1, 3, 4, 5).reshape(kb, kb, f * f * cin, cout), -b_min, b_max
 
 
-def _conv_blocks_of_data(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
-    """VALID stride-1 convolution of data (no gradient wanted for ``x``) with a cheaper filter gradient.
+def _filter_gradient(x: tf.Tensor, dy: tf.Tensor, kernel_shape) -> tf.Tensor:
+    """Gradient of a VALID stride-1 convolution of ``x`` with respect to its kernel: one matrix product per offset.
 
-    TensorFlow's Conv2DBackpropFilter is slow for this shape; the filter gradient is one
-    small matrix product per kernel offset instead.
+    TensorFlow's Conv2DBackpropFilter is slow for the shapes of the first layer's blocks.
     """
-    kb = kernel.shape[0]
+    kb = kernel_shape[0]
+    h, w = tf.shape(dy)[1], tf.shape(dy)[2]
+    dy2 = tf.reshape(dy, [-1, dy.shape[-1]])
+    rows = []
+    for di in range(kb):
+        for dj in range(kb):
+            shifted = tf.reshape(x[:, di : di + h, dj : dj + w, :], [-1, x.shape[-1]])
+            rows.append(tf.matmul(shifted, dy2, transpose_a=True))
+    return tf.reshape(tf.stack(rows), kernel_shape)
 
-    @tf.custom_gradient
-    def conv(kernel):
-        y = tf.nn.conv2d(x, kernel, 1, "VALID")
 
-        def grad(dy):
-            h, w = tf.shape(dy)[1], tf.shape(dy)[2]
-            dy2 = tf.reshape(dy, [-1, dy.shape[-1]])
-            rows = []
-            for di in range(kb):
-                for dj in range(kb):
-                    shifted = tf.reshape(x[:, di : di + h, dj : dj + w, :], [-1, x.shape[-1]])
-                    rows.append(tf.matmul(shifted, dy2, transpose_a=True))
-            return tf.reshape(tf.stack(rows), kernel.shape)
+#: The gradient of the convolutions of data, registered once under this name. Not
+#: ``tf.custom_gradient``: inside a traced function it registers a new gradient under a fresh
+#: name at every trace, and TensorFlow's registry keeps it, and the traced graph it refers to,
+#: for the life of the process (tensorflow/tensorflow#97697): about 1 MB per new TiledEngine,
+#: e.g. per predicted slide, never freed.
+_DATA_CONV_GRADIENT = "GigasegDataConv2D"
 
-        return y, grad
 
-    return conv(kernel)
+@tf.RegisterGradient(_DATA_CONV_GRADIENT)
+def _data_conv_gradient(op, dy):
+    x, kernel = op.inputs
+    return None, _filter_gradient(x, dy, kernel.shape)
+
+
+def _conv_blocks_of_data(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """VALID stride-1 convolution of data (no gradient wanted for ``x``) with a cheaper filter gradient."""
+    # The convolution itself is hidden from gradient tapes; what they record instead is one
+    # op from (x, kernel) to the result whose gradient is the one registered above.
+    y = tf.nn.conv2d(tf.stop_gradient(x), tf.stop_gradient(kernel), 1, "VALID")
+    tf.__internal__.record_gradient(_DATA_CONV_GRADIENT, [x, kernel], (), [y])
+    return y
 
 
 def _block_diagonal(w: tf.Tensor, n: int) -> tf.Tensor:
