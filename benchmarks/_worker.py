@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Callable
 
 
 def peak_rss_mb() -> float:
@@ -28,7 +29,16 @@ def run_in_child(script: str, arguments: list[str]) -> int:
     """Run ``script`` again with ``arguments`` in a fresh process and print the last line it prints (its JSON)."""
     child = subprocess.run([sys.executable, script, *arguments], stdout=subprocess.PIPE, text=True, check=False)
     if child.returncode != 0:
-        print(f"benchmark worker failed with exit code {child.returncode}", file=sys.stderr)
+        if child.returncode != 2:  # 2: the worker has printed its one-line error already
+            print(f"benchmark worker failed with exit code {child.returncode}", file=sys.stderr)
         return child.returncode
     print(child.stdout.strip().splitlines()[-1])
     return 0
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run a benchmark's ``main()`` as the gigaseg commands run: bad input is one line ``error: ...``, status 2."""
+    from gigaseg.cli.common import user_errors
+
+    with user_errors():
+        sys.exit(main())

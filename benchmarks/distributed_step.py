@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _worker import peak_rss_mb  # benchmarks/_worker.py, beside this script
+from _worker import peak_rss_mb, run_main  # benchmarks/_worker.py, beside this script
 from train_step import write_region
 
 
@@ -78,8 +78,10 @@ def measure(args: argparse.Namespace, workers: int, image: Path, mask: Path) -> 
             env["TF_NUM_INTRAOP_THREADS"] = threads
         processes.append(subprocess.Popen(base, env=env, stdout=subprocess.PIPE, text=True))
     outputs = [p.communicate()[0] for p in processes]
-    if any(p.returncode for p in processes):
-        raise SystemExit(f"a worker failed: exit codes {[p.returncode for p in processes]}")
+    codes = [p.returncode for p in processes]
+    if any(codes):
+        # 2: a worker has printed its one-line error already.
+        raise SystemExit(2 if 2 in codes else f"a worker failed: exit codes {codes}")
     return json.loads(outputs[0].strip().splitlines()[-1])
 
 
@@ -117,4 +119,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

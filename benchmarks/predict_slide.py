@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _worker import peak_rss_mb, run_in_child  # benchmarks/_worker.py, beside this script
+from _worker import peak_rss_mb, run_in_child, run_main  # benchmarks/_worker.py, beside this script
 
 CACHE = Path(tempfile.gettempdir()) / "gigaseg-bench-slides"
 
@@ -140,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _worker import run_main  # benchmarks/_worker.py, beside this script
 
 HERE = Path(__file__).resolve().parent
 FIXTURE_SLIDE = HERE.parent / "tests" / "fixtures" / "prostate_he_pyramid.tiff"
@@ -219,4 +220,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gigaseg.slides import open_slide
 from gigaseg.slides.synthetic import write_synthetic_slide
+from _worker import run_main  # benchmarks/_worker.py, beside this script
 
 
 def main() -> None:
@@ -75,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _worker import peak_rss_mb, run_in_child  # benchmarks/_worker.py, beside this script
+from _worker import peak_rss_mb, run_in_child, run_main  # benchmarks/_worker.py, beside this script
 
 
 def write_region(directory: Path, height: int, width: int, seed: int = 0) -> tuple[Path, Path]:
@@ -140,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

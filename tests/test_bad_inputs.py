@@ -279,6 +279,16 @@ def test_config_errors_are_one_line_naming_the_option(tmp_path, command, overrid
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize("script, args, fragments", [
+    ("synth_and_read.py", ["--height", "0", "--width", "10"], ["synthetic slide size 10x0", "at least 1x1"]),
+    ("loss_curve.py", ["--region", "/nonexistent/region"], ["no prepared region at /nonexistent/region"]),
+])
+def test_benchmark_scripts_end_bad_input_in_one_line(tmp_path, script, args, fragments):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, check=False, env={**command_env(tmp_path / "mlflow.db"), "TMPDIR": str(tmp_path)})
+    assert_one_error_line(done, *fragments)
+
+
 def test_model_strides_are_checked_before_preparing(compose, tmp_path):
     from gigaseg.cli.prepare import run
 
