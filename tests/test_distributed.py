@@ -82,6 +82,10 @@ def test_lost_worker_message_names_the_peer_by_index_and_address():
     assert lost_worker_message(RuntimeError(unhealthy), cluster).startswith("lost worker 2 (127.0.0.1:3000): ")
     refused = "Collective ops is aborted by: failed to connect to all addresses; ipv4:127.0.0.1:2000: Connection refused"
     assert "worker 1 (127.0.0.1:2000)" in lost_worker_message(RuntimeError(refused), cluster)
+    # Hosts with the same port: only the one whose address resolves to the IP in the message.
+    same_port = cluster_from(["localhost:2000", "127.0.0.2:2000", "127.0.0.1:3000"], 2, {})
+    named = lost_worker_message(RuntimeError("aborted by: failed; ipv4:127.0.0.1:2000: Connection refused"), same_port)
+    assert named.startswith("lost worker 0 (localhost:2000): ") and "worker 1" not in named
     pair = cluster_from(["127.0.0.1:1000", "127.0.0.1:2000"], 1, {})
     assert lost_worker_message(RuntimeError("Connection reset by peer"), pair).startswith("lost worker 0 (127.0.0.1:1000)")
 

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -111,6 +112,20 @@ def cluster_from(workers: Sequence[str] | None, task_index: int | None, environ=
     return Cluster(jobs, task_type, index)
 
 
+def _same_endpoint(address: str, seen: str) -> bool:
+    """Whether ``host:port`` of the cluster is the ``ip:port`` a gRPC error names."""
+    host, port = address.rsplit(":", 1)
+    seen_host, seen_port = seen.rsplit(":", 1)
+    if port != seen_port:
+        return False
+    if host.strip("[]") == seen_host.strip("[]"):
+        return True
+    try:
+        return socket.gethostbyname(host) == seen_host
+    except OSError:
+        return False
+
+
 def lost_worker_message(error: Exception, cluster: Cluster | None) -> str:
     """Name the peer(s) a collective's error points at, by index and address."""
     text = str(error)
@@ -123,7 +138,7 @@ def lost_worker_message(error: Exception, cluster: Cluster | None) -> str:
                     names.append(name)
         for host_port in re.findall(r"ipv[46]:([^\s,;'\"]+:\d+)", text):
             for job, index, address in cluster.tasks:
-                if address.rsplit(":", 1)[1] == host_port.rsplit(":", 1)[1] and cluster.name(job, index) not in names:
+                if _same_endpoint(address, host_port) and cluster.name(job, index) not in names:
                     names.append(cluster.name(job, index))
         others = [cluster.name(job, i) for job, i, _ in cluster.tasks if (job, i) != (cluster.task_type, cluster.task_index)]
         if not names and len(others) == 1:
