@@ -259,3 +259,28 @@ def test_a_killed_worker_stops_the_other_with_its_name_and_the_run_resumes(prepa
     final = load_checkpoint(tmp_path / "resumed" / "worker_0" / "checkpoints" / "last.npz")
     assert final.step == 60
     assert [h["step"] for h in final.history] == list(range(1, 61))
+
+
+@pytest.mark.slow
+def test_a_cluster_that_never_comes_up_ends_within_the_startup_timeout(prepared):
+    """Worker 1 is never started: worker 0 stops after distributed.startup_timeout_s with one line."""
+    tmp_path = prepared
+    from gigaseg.cli.workers import free_ports
+
+    addresses = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    start = time.monotonic()
+    alone = _train(tmp_path, "alone", "distributed=multiworker", f"distributed.workers=[{','.join(addresses)}]",
+                   "distributed.task_index=0", "distributed.startup_timeout_s=5")
+    assert alone.returncode != 0
+    assert time.monotonic() - start < 120
+    (line,) = [line for line in alone.stderr.splitlines() if line.startswith("error:")]
+    assert "distributed.startup_timeout_s=5" in line and f"worker 1 ({addresses[1]})" in line
+    assert "Traceback" not in alone.stderr
+    _, runs = _runs_or_none(tmp_path)
+    assert runs == []  # no MLflow run was opened
+
+
+def _runs_or_none(tmp_path: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("gigaseg")
+    return client, [] if experiment is None else client.search_runs([experiment.experiment_id])

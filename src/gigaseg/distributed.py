@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -279,9 +280,12 @@ def make_replicas(config: DistributedConfig, *, memory_share: float = 1.0) -> Re
         return replicas
     cluster = cluster_from(config.workers, config.task_index)
     os.environ["TF_CONFIG"] = cluster.tf_config()
-    _configure_coordination(cluster, config.heartbeat_timeout_s, config.startup_timeout_s)
     start = time.perf_counter()
+    # TensorFlow waits for missing workers without a limit, inside C++ calls that hold the
+    # interpreter (no Python thread or signal handler runs): a watchdog process ends this one.
+    watchdog = _start_watchdog(config.startup_timeout_s, cluster)
     try:
+        _configure_coordination(cluster, config.heartbeat_timeout_s, config.startup_timeout_s)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         # The first collective waits for every worker to join.
         replicas = Replicas(strategy, cluster=cluster, memory_share=memory_share)
@@ -291,8 +295,35 @@ def make_replicas(config: DistributedConfig, *, memory_share: float = 1.0) -> Re
             f"the cluster did not come up within distributed.startup_timeout_s={config.startup_timeout_s:g}: "
             f"{lost_worker_message(exc, cluster)}"
         ) from exc
+    finally:
+        watchdog.kill()
+        watchdog.wait()
     log.info("distributed=multiworker: %s, joined in %.1f s", replicas.describe(), time.perf_counter() - start)
     return replicas
+
+
+_WATCHDOG = """
+import os, signal, sys, time
+pid, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(timeout)
+try:
+    os.kill(pid, 0)
+except ProcessLookupError:
+    sys.exit(0)
+print(message, file=sys.stderr, flush=True)
+os.kill(pid, signal.SIGKILL)
+"""
+
+
+def _start_watchdog(timeout_s: float, cluster: Cluster):
+    """A process that kills this one with a one-line error unless it is itself killed within ``timeout_s``."""
+    import subprocess
+
+    others = ", ".join(cluster.name(job, i) for job, i, _ in cluster.tasks if (job, i) != (cluster.task_type, cluster.task_index))
+    message = (f"error: the cluster did not come up within distributed.startup_timeout_s={timeout_s:g}: not every one "
+               f"of {others} joined {cluster.name(cluster.task_type, cluster.task_index)}; start them all with the "
+               "same cluster, check that their ports are reachable, or raise the timeout")
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout_s), message])
 
 
 def share(tiles: Sequence, parts: int) -> list[list]:
