@@ -21,6 +21,16 @@ def command_env(database: Path) -> dict[str, str]:
     return env
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of the checkpoint at ``path``; 0 while there is none, or only a partial one."""
+    from gigaseg.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(path).step
+    except CheckpointError:
+        return 0
+
+
 @pytest.fixture
 def compose():
     """Compose ``conf/config.yaml`` with overrides, as the entry points do."""

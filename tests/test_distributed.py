@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gigaseg.checkpoint import CheckpointError, load_checkpoint
+from gigaseg.checkpoint import load_checkpoint
 from gigaseg.distributed import DistributedConfig, cluster_from, lost_worker_message, share
 from gigaseg.errors import ConfigError
-from conftest import command_env
+from conftest import checkpoint_step, command_env
 
 # --- cluster description ------------------------------------------------------------------
 
@@ -135,7 +135,7 @@ MIRRORED = textwrap.dedent(
 )
 
 
-def test_mirrored_replicas_in_one_process_give_the_single_engine_step():
+def test_mirrored_replicas_in_one_process_give_the_single_enginecheckpoint_step():
     """Three logical CPU devices stand in for GPUs: the tiles are split three ways."""
     done = subprocess.run([sys.executable, "-c", MIRRORED], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, check=False)
@@ -179,9 +179,10 @@ def _train(tmp_path: Path, out: str, *extra: str) -> subprocess.CompletedProcess
 
 
 def _runs(tmp_path: Path):
+    """The MLflow client of the test's store and the runs of its experiment (none before one exists)."""
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("gigaseg")
-    return client, client.search_runs([experiment.experiment_id])
+    return client, [] if experiment is None else client.search_runs([experiment.experiment_id])
 
 
 def _relative(a: np.ndarray, b: np.ndarray) -> float:
@@ -212,13 +213,6 @@ def test_two_local_workers_train_like_one_process_with_one_mlflow_run(prepared):
     assert max(_relative(x, y) for x, y in zip(a.weights, b.weights)) <= 1e-5
 
 
-def _step(path: Path) -> int:
-    try:
-        return load_checkpoint(path).step
-    except CheckpointError:
-        return 0
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_killed_worker_stops_the_other_with_its_name_and_the_run_resumes(prepared, victim):
@@ -229,7 +223,7 @@ def test_a_killed_worker_stops_the_other_with_its_name_and_the_run_resumes(prepa
                             stderr=subprocess.PIPE, text=True)
     checkpoint = tmp_path / "killed" / "worker_0" / "checkpoints" / "last.npz"
     deadline = time.monotonic() + 600
-    while _step(checkpoint) < 2 and proc.poll() is None and time.monotonic() < deadline:
+    while checkpoint_step(checkpoint) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     workers = json.loads((tmp_path / "killed" / "workers.json").read_text())
     lost, survivor = workers[victim], workers[1 - victim]
@@ -249,7 +243,7 @@ def test_a_killed_worker_stops_the_other_with_its_name_and_the_run_resumes(prepa
     survivor_lines = [line for line in stderr.splitlines() if line.startswith("error: lost ")]
     assert survivor_lines and name in survivor_lines[0], stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith(f"error: {name}")  # the launcher's summary
-    stopped_at = _step(checkpoint)
+    stopped_at = checkpoint_step(checkpoint)
     assert stopped_at < 60
 
     resumed = _train(tmp_path, "resumed", *WORKERS, "train.steps=60", "train.resume=auto")
@@ -276,11 +270,6 @@ def test_a_cluster_that_never_comes_up_ends_within_the_startup_timeout(prepared)
     (line,) = [line for line in alone.stderr.splitlines() if line.startswith("error:")]
     assert "distributed.startup_timeout_s=5" in line and f"worker 1 ({addresses[1]})" in line
     assert "Traceback" not in alone.stderr
-    _, runs = _runs_or_none(tmp_path)
+    _, runs = _runs(tmp_path)
     assert runs == []  # no MLflow run was opened
 
-
-def _runs_or_none(tmp_path: Path):
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = client.get_experiment_by_name("gigaseg")
-    return client, [] if experiment is None else client.search_runs([experiment.experiment_id])

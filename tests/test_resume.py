@@ -19,7 +19,7 @@ from gigaseg.cli.train import resume_checkpoint
 from gigaseg.errors import ConfigError
 from gigaseg.tracking import MlflowRun, find_resumable_run, process_tags
 
-from conftest import command_env
+from conftest import checkpoint_step, command_env
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +120,6 @@ def _run(tmp_path: Path, out: str, *extra: str) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def _step(path: Path) -> int:
-    try:
-        return load_checkpoint(path).step
-    except CheckpointError:
-        return 0
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("resume", ["id", "auto"])
 def test_run_killed_with_sigkill_resumes_into_the_same_run_bit_identically(tmp_path, resume):
@@ -139,11 +132,11 @@ def test_run_killed_with_sigkill_resumes_into_the_same_run_bit_identically(tmp_p
     proc = subprocess.Popen(_args(tmp_path, "killed"), cwd=tmp_path, env=_env(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    while _step(checkpoint) < 3 and proc.poll() is None and time.monotonic() < deadline:
+    while checkpoint_step(checkpoint) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    killed_at = _step(checkpoint)
+    killed_at = checkpoint_step(checkpoint)
     assert 3 <= killed_at < STEPS, killed_at
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
