@@ -371,15 +371,13 @@ class DistributedEngine:
     def step(self, image: np.ndarray, mask: np.ndarray, *, progress=None):
         """The region's :class:`~gigaseg.streaming.engine.StepResult`, every replica computing its share."""
         from gigaseg.streaming.engine import PassSums, TileCounter, check_region
-        from gigaseg.streaming.reader import WindowReader
-
         engine = self.engines[0]
         region_shape = check_region(image, mask, engine.total_stride)
         plan = engine.plan(region_shape)
         everyone = share(plan.tiles, self.replicas.num_replicas)
         mine = everyone[self.replicas.first_replica:self.replicas.first_replica + len(self.engines)]
         counter = TileCounter(progress, self.passes * sum(len(tiles) for tiles in mine))
-        reader = WindowReader(image, mask)
+        reader = engine.window_reader(image, mask)
         start = time.perf_counter()
         first = None
         wait_s = 0.0

@@ -3,12 +3,15 @@
 Stock TensorFlow CPU kernels are slow on full-resolution tensors with 3-7 channels
 (concatenation, the 1x1 head, the filter gradient of the first 7x7/4 convolution take most
 of a step). With the first stride ``f``, every full-resolution tensor is kept as
-``(h/f, w/f, f*f*C)`` blocks instead: the first strided convolution becomes a stride-1
-convolution over blocks, the last transposed convolution (kernel = stride = ``f``) a matrix
-product, the 1x1 head a block-diagonal matrix product, and the concatenation with the image
-disappears (the head sums one product per part). Kernels are rearranged from the model's own
-variables with differentiable ops, so gradients reach ``model.trainable_variables`` directly.
-Models this does not recognise fall back to calling the Keras model.
+``(h/f, w/f, f*f*C)`` blocks instead (windows are read in that layout, see :func:`to_blocks`):
+the first strided convolution becomes a stride-1 convolution over blocks, the last transposed
+convolution (kernel = stride = ``f``) a matrix product, the 1x1 head a block-diagonal matrix
+product, and the concatenation with the image disappears (the head sums one product per part).
+The strided convolutions below full resolution become block convolutions of their
+space-to-depth input too; all block convolutions get their gradients from one matrix product
+each (:func:`block_conv`). Kernels are rearranged from the model's own variables with
+differentiable ops, so gradients reach ``model.trainable_variables`` directly. Models this
+does not recognise fall back to calling the Keras model.
 """
 
 from __future__ import annotations
@@ -58,43 +61,104 @@ def _s2d_kernel_index(k: int, f: int, pad: int, cin: int, cout: int) -> tuple[np
     return index.transpose(0, 2, 1, 3, 4, 5).reshape(kb, kb, f * f * cin, cout), -b_min, b_max
 
 
-def _filter_gradient(x: tf.Tensor, dy: tf.Tensor, kernel_shape) -> tf.Tensor:
-    """Gradient of a VALID stride-1 convolution of ``x`` with respect to its kernel: one matrix product per offset.
+def to_blocks(array: np.ndarray, f: int) -> np.ndarray:
+    """``(h, w[, c])`` -> ``(h/f, w/f, f*f*c)`` in one copy, in the channel order of ``tf.nn.space_to_depth``.
 
-    TensorFlow's Conv2DBackpropFilter is slow for the shapes of the first layer's blocks.
+    Reading windows straight into this layout (numpy, in the prefetch thread) costs about a fifth
+    of TensorFlow's SpaceToDepth on uint8 tensors.
     """
-    kb = kernel_shape[0]
-    h, w = tf.shape(dy)[1], tf.shape(dy)[2]
-    dy2 = tf.reshape(dy, [-1, dy.shape[-1]])
-    rows = []
-    for di in range(kb):
-        for dj in range(kb):
-            shifted = tf.reshape(x[:, di : di + h, dj : dj + w, :], [-1, x.shape[-1]])
-            rows.append(tf.matmul(shifted, dy2, transpose_a=True))
-    return tf.reshape(tf.stack(rows), kernel_shape)
+    h, w = array.shape[:2]
+    c = array.shape[2] if array.ndim == 3 else 1
+    out = np.empty((h // f, w // f, f, f * c), array.dtype)
+    out[...] = array.reshape(h // f, f, w // f, f * c).transpose(0, 2, 1, 3)
+    return out.reshape(h // f, w // f, f * f * c)
 
 
-#: The gradient of the convolutions of data, registered once under this name. Not
-#: ``tf.custom_gradient``: inside a traced function it registers a new gradient under a fresh
-#: name at every trace, and TensorFlow's registry keeps it, and the traced graph it refers to,
-#: for the life of the process (tensorflow/tensorflow#97697): about 1 MB per new TiledEngine,
-#: e.g. per predicted slide, never freed.
-_DATA_CONV_GRADIENT = "GigasegDataConv2D"
+def from_blocks(blocks: np.ndarray, f: int) -> np.ndarray:
+    """``(h/f, w/f, f*f)`` one-channel blocks -> ``(h, w)``: the inverse of :func:`to_blocks`."""
+    hb, wb = blocks.shape[:2]
+    out = np.empty((hb, f, wb, f), blocks.dtype)
+    out[...] = blocks.reshape(hb, wb, f, f).transpose(0, 2, 1, 3)
+    return out.reshape(hb * f, wb * f)
 
 
-@tf.RegisterGradient(_DATA_CONV_GRADIENT)
-def _data_conv_gradient(op, dy):
-    x, kernel = op.inputs
-    return None, _filter_gradient(x, dy, kernel.shape)
+def _shifted_outputs(dy: tf.Tensor, kb: int, before: int) -> tf.Tensor:
+    """``D[r, s, ab] = dy[r - a + before, s - b + before]`` (zero outside): the gradient of the products."""
+    h, w = tf.shape(dy)[0], tf.shape(dy)[1]
+    padded = tf.pad(dy, [[kb - 1, kb - 1], [kb - 1, kb - 1], [0, 0]])
+    parts = []
+    for a in range(kb):
+        for b in range(kb):
+            top, left = before + kb - 1 - a, before + kb - 1 - b
+            parts.append(padded[top : top + h, left : left + w, :])
+    return tf.concat(parts, -1)
 
 
-def _conv_blocks_of_data(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
-    """VALID stride-1 convolution of data (no gradient wanted for ``x``) with a cheaper filter gradient."""
-    # The convolution itself is hidden from gradient tapes; what they record instead is one
-    # op from (x, kernel) to the result whose gradient is the one registered above.
-    y = tf.nn.conv2d(tf.stop_gradient(x), tf.stop_gradient(kernel), 1, "VALID")
-    tf.__internal__.record_gradient(_DATA_CONV_GRADIENT, [x, kernel], (), [y])
+# The gradients of the block convolution, registered once under these names (not
+# ``tf.custom_gradient``: inside a traced function it registers a new gradient under a fresh
+# name at every trace, and TensorFlow's registry keeps it, and the traced graph it refers to,
+# for the life of the process (tensorflow/tensorflow#97697): about 1 MB per new TiledEngine).
+_BLOCK_CONV = "GigasegBlockConv2D"
+_BLOCK_CONV_OF_DATA = "GigasegBlockConv2DOfData"
+
+
+def _block_conv_gradients(op, dy, *, data: bool):
+    """Both gradients of a block convolution as single matrix products against the shifted output gradient.
+
+    TensorFlow's Conv2DBackpropFilter is slow for these shapes (many positions, 4 filters); so is
+    taking one shifted slice of the wide input per kernel offset. Shifting the narrow output
+    gradient instead (``kb*kb`` copies of 4 channels) lets one product do all offsets at once.
+    """
+    x, kernel, before = op.inputs
+    before = int(tf.get_static_value(before))
+    kb, _, channels, filters = kernel.shape
+    shifted = tf.reshape(_shifted_outputs(dy[0], kb, before), [-1, kb * kb * filters])
+    grad = tf.matmul(tf.reshape(x, [-1, channels]), shifted, transpose_a=True)  # (c, kb*kb*filters)
+    kernel_gradient = tf.transpose(tf.reshape(grad, [channels, kb, kb, filters]), [1, 2, 0, 3])
+    if data:
+        return None, kernel_gradient, None
+    side_by_side = tf.reshape(tf.transpose(kernel, [2, 0, 1, 3]), [channels, -1])
+    x_gradient = tf.reshape(tf.matmul(shifted, side_by_side, transpose_b=True), tf.shape(x))
+    return x_gradient, kernel_gradient, None
+
+
+@tf.RegisterGradient(_BLOCK_CONV)
+def _block_conv_gradient(op, dy):
+    return _block_conv_gradients(op, dy, data=False)
+
+
+@tf.RegisterGradient(_BLOCK_CONV_OF_DATA)
+def _block_conv_of_data_gradient(op, dy):
+    return _block_conv_gradients(op, dy, data=True)
+
+
+def block_conv(x: tf.Tensor, kernel: tf.Tensor, before: int, *, data: bool = False) -> tf.Tensor:
+    """Stride-1 convolution of ``x`` (1, h, w, c) over blocks: ``kernel`` (kb, kb, c, filters), ``before`` blocks of zeros first.
+
+    The output has the input's size. The gradient tape records one op from (x, kernel) whose
+    gradient is the registered one. With ``data`` no gradient flows to ``x``.
+    """
+    after = kernel.shape[0] - 1 - before
+    y = tf.nn.conv2d(tf.stop_gradient(x), tf.stop_gradient(kernel), 1, [[0, 0], [before, after], [before, after], [0, 0]])
+    # ``before`` (a python int) rides along as a constant input: the gradient function only sees the op.
+    tf.__internal__.record_gradient(
+        _BLOCK_CONV_OF_DATA if data else _BLOCK_CONV, [x, kernel, tf.constant(before, tf.int32)], (), [y]
+    )
     return y
+
+
+def _block_kernel(op, w: tf.Tensor, cin: int, f: int) -> tuple[tf.Tensor, int]:
+    """The strided kernel ``w`` of ``op`` as a stride-1 kernel over f x f blocks, and the blocks of padding before."""
+    k = _square(op.kernel_size)
+    index, before, _ = _s2d_kernel_index(k, f, max(k - f, 0) // 2, cin, op.filters)
+    return tf.gather(tf.concat([tf.reshape(w, [-1]), tf.zeros([1], w.dtype)], 0), index), before
+
+
+def _pointwise(value: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """``(1, h, w, c) x (c, d) -> (1, h, w, d)`` as one 2-D matrix product (its gradients are plain products too, unlike einsum's)."""
+    shape = tf.shape(value)
+    out = tf.matmul(tf.reshape(value, [-1, value.shape[-1]]), weights)
+    return tf.reshape(out, tf.concat([shape[:3], [weights.shape[-1]]], 0))
 
 
 def _block_diagonal(w: tf.Tensor, n: int) -> tf.Tensor:
@@ -104,7 +168,11 @@ def _block_diagonal(w: tf.Tensor, n: int) -> tf.Tensor:
 
 
 class SpaceToDepthUNet:
-    """Evaluates a recognised model on one image in space-to-depth layout: ``(h, w, 3) uint8 -> (h/f, w/f, f*f)``."""
+    """Evaluates a recognised model on one image in space-to-depth layout: ``(h/f, w/f, f*f*3) uint8 -> (h/f, w/f, f*f)``.
+
+    Images go in as :func:`to_blocks` gives them and probabilities come out in the same
+    layout (:func:`from_blocks` turns them back into an ``h`` x ``w`` map).
+    """
 
     def __init__(self, model: keras.Model, factor: int, plan: list):
         self.model = model
@@ -144,17 +212,17 @@ class SpaceToDepthUNet:
         f = self.factor
         size = 4 * total_stride(self.model)
         x = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-        fast = tf.nn.depth_to_space(self(tf.constant(x))[tf.newaxis], f)[0, :, :, 0]
+        fast = from_blocks(self(tf.constant(to_blocks(x, f))).numpy(), f)
         ref = self.model(x[np.newaxis], training=False)[0, :, :, 0]
         if float(tf.reduce_max(tf.abs(fast - ref))) > 1e-5:
             raise _Unsupported
 
-    def __call__(self, image: tf.Tensor) -> tf.Tensor:
+    def __call__(self, blocks: tf.Tensor) -> tf.Tensor:
         f = self.factor
         model = self.model
         values: dict[int, object] = {}
         jumps: dict[int, int] = {}
-        pixels = tf.nn.space_to_depth(image[tf.newaxis], f)
+        pixels = blocks[tf.newaxis]
         values[id(model.inputs[0])] = [_Part(pixels, int(model.inputs[0].shape[-1]), True)]
         for op in self._plan:
             if isinstance(op, layers.InputLayer):
@@ -182,6 +250,8 @@ class SpaceToDepthUNet:
                     ):
                         raise _Unsupported
                     out = lower_transposed(op, args[0], f)
+                elif _strided_same(op):
+                    out = lower_strided(op, args[0])
                 else:
                     out = op(args if len(args) > 1 else args[0])
             for t in node.output_tensors:
@@ -218,12 +288,10 @@ class SpaceToDepthUNet:
                 w = op.kernel[:, :, start : start + p.channels, :]
                 start += p.channels
                 if k == 1 and s == 1:
-                    term = tf.einsum("bhwc,cd->bhwd", p.value, _block_diagonal(w[0, 0], f * f))
+                    term = _pointwise(p.value, _block_diagonal(w[0, 0], f * f))
                 elif s == f and op.padding == "same":
-                    index, before, after = _s2d_kernel_index(k, f, max(k - f, 0) // 2, p.channels, op.filters)
-                    kernel = tf.gather(tf.concat([tf.reshape(w, [-1]), tf.zeros([1], w.dtype)], 0), index)
-                    padded = tf.pad(p.value, [[0, 0], [before, after], [before, after], [0, 0]])
-                    term = _conv_blocks_of_data(padded, kernel) if p.data else tf.nn.conv2d(padded, kernel, 1, "VALID")
+                    kernel, before = _block_kernel(op, w, p.channels, f)
+                    term = block_conv(p.value, kernel, before, data=p.data)
                 else:
                     raise _Unsupported
                 total = term if total is None else total + term
@@ -234,11 +302,35 @@ class SpaceToDepthUNet:
         raise _Unsupported
 
 
+def _strided_same(op) -> bool:
+    return (
+        type(op) is layers.Conv2D
+        and op.padding == "same"
+        and _square(op.strides) > 1
+        and _square(op.dilation_rate) == 1
+        and op.groups == 1
+    )
+
+
+def lower_strided(op, value: tf.Tensor) -> tf.Tensor:
+    """A strided 'same' convolution below full resolution, as a block convolution of its space-to-depth input.
+
+    TensorFlow's filter gradient for these small strided convolutions costs more than the rest
+    of the low-resolution network together.
+    """
+    s = _square(op.strides)
+    kernel, before = _block_kernel(op, op.kernel, int(value.shape[-1]), s)
+    out = block_conv(tf.nn.space_to_depth(value, s), kernel, before)
+    if op.use_bias:
+        out = out + op.bias
+    return op.activation(out)
+
+
 def lower_transposed(op, value: tf.Tensor, f: int) -> list[_Part]:
     """Transposed convolution with kernel = stride = f into full resolution, as one matrix product."""
     kernel = op.kernel  # (k, k, out, in)
     weights = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [kernel.shape[3], -1])
-    out = tf.einsum("bhwc,cd->bhwd", value, weights)
+    out = _pointwise(value, weights)
     if op.use_bias:
         out = out + tf.tile(op.bias, [f * f])
     return [_Part(op.activation(out), op.filters, False)]

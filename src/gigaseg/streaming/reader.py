@@ -53,20 +53,32 @@ def release_rows(array: np.ndarray, top: int, bottom: int) -> None:
 
 
 class WindowReader:
-    """Copies tile windows of an image (and tile cores of a mask) into contiguous arrays."""
+    """Copies tile windows of an image (and tile cores of a mask) into contiguous arrays.
 
-    def __init__(self, image: np.ndarray, mask: np.ndarray | None = None, *, release: bool = True):
+    With ``blocks=f`` both come out in space-to-depth layout (``(h/f, w/f, f*f*c)``, see
+    :func:`gigaseg.streaming.fastpath.to_blocks`), copied from the region in one go.
+    """
+
+    def __init__(self, image: np.ndarray, mask: np.ndarray | None = None, *, release: bool = True, blocks: int | None = None):
         self.image = image
         self.mask = mask
         self.release = release
+        self.blocks = blocks
+
+    def _copy(self, array: np.ndarray) -> np.ndarray:
+        if self.blocks is None:
+            return np.ascontiguousarray(array, dtype=np.uint8)
+        from gigaseg.streaming.fastpath import to_blocks
+
+        return to_blocks(array.astype(np.uint8, copy=False), self.blocks)
 
     def read(self, window: tuple[int, int, int, int], core: tuple[int, int, int, int] | None = None):
         top, left, bottom, right = window
-        pixels = np.ascontiguousarray(self.image[top:bottom, left:right], dtype=np.uint8)
+        pixels = self._copy(self.image[top:bottom, left:right])
         labels = None
         if self.mask is not None and core is not None:
             ct, cl, cb, cr = core
-            labels = np.ascontiguousarray(self.mask[ct:cb, cl:cr], dtype=np.uint8)
+            labels = self._copy(self.mask[ct:cb, cl:cr])
         if self.release:
             release_rows(self.image, top, bottom)
             if labels is not None:
