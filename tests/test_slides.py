@@ -103,6 +103,35 @@ def test_transparent_pixels_are_composited_onto_white():
     assert out[1, 1].tolist() == [10, 20, 30]
 
 
+def test_premultiplied_argb_words_become_rgb_over_white():
+    from gigaseg.slides.openslide_reader import argb_to_rgb
+
+    def word(a, r, g, b):
+        return (a << 24) | (r << 16) | (g << 8) | b
+
+    argb = np.array([[word(255, 100, 50, 200), word(0, 0, 0, 0)], [word(128, 0, 0, 0), word(128, 64, 10, 128)]], np.uint32)
+    out = argb_to_rgb(argb)
+    assert out.dtype == np.uint8 and out.shape == (2, 2, 3)
+    assert out[0, 0].tolist() == [100, 50, 200]
+    assert out[0, 1].tolist() == [255, 255, 255]
+    assert out[1, 0].tolist() == [127, 127, 127]
+    # Half-transparent colour c (premultiplied) over white: c + 255 - a.
+    assert out[1, 1].tolist() == [64 + 127, 10 + 127, 128 + 127]
+
+
+def test_raw_reads_equal_openslide_images_inside_and_outside_the_slide():
+    from gigaseg.slides.openslide_reader import _read_rgb, _read_rgb_via_pil
+
+    raw = openslide.OpenSlide(str(PROSTATE))
+    try:
+        for location, level, size in [((1000, 1200), 0, (300, 200)), ((0, 0), 2, (700, 650)), ((-50, -40), 1, (120, 90))]:
+            np.testing.assert_array_equal(_read_rgb(raw, location, level, size), _read_rgb_via_pil(raw, location, level, size))
+        outside = _read_rgb(raw, (-50, -40), 0, (40, 30))
+        assert (outside == 255).all()
+    finally:
+        raw.close()
+
+
 def test_level_mpp_and_magnification_selection_with_array_reader():
     image = np.zeros((512, 512, 3), np.uint8)
     slide = ArrayReader(image, levels=4, mpp=0.25, objective_power=40)
