@@ -180,15 +180,23 @@ class TiledEngine:
         labels = core_mask
         with tf.GradientTape() as tape:
             p = self._core_probabilities(window, offset, self._core_shape(core_mask), training=True)
-            # The model's own precision (float32, or float64 for a reference copy of it).
-            y = tf.cast(labels, p.dtype)
-            # dL/dp per pixel from the region sums; constants here, so this is the surrogate.
-            weights = tf.cast(weight_background + (weight_tissue - weight_background) * tf.cast(labels, tf.float64), p.dtype)
-            surrogate = tf.reduce_sum(weights * p)
+            surrogate = tf.zeros((), p.dtype)
+            if self.loss != "bce":
+                # dL/dp per pixel from the region sums: one value for background, one for tissue
+                # (in the model's precision: float32, or float64 for a reference copy of it).
+                # Constants here, so this is the surrogate.
+                weights = tf.where(labels > 0, tf.cast(weight_tissue, p.dtype), tf.cast(weight_background, p.dtype))
+                surrogate += tf.reduce_sum(weights * p)
             if self.loss != "dice":
-                surrogate += tf.cast(bce_scale, p.dtype) * tf.reduce_sum(bce_pixels(p, y))
+                bce = tf.reduce_sum(bce_pixels(p, tf.cast(labels, p.dtype)), -1)
+                surrogate += tf.cast(bce_scale, p.dtype) * tf.reduce_sum(bce)
         grads = tape.gradient(surrogate, self.model.trainable_variables)
-        return grads, self._sums(tf.stop_gradient(p), labels)
+        if self.loss == "bce":  # the only pass: every sum comes from here
+            return grads, self._sums(tf.stop_gradient(p), labels)
+        # Pass 1 gave A, B, C and the hard counts; only the BCE sum of dice_bce is new here.
+        zero = tf.zeros((), tf.float64)
+        bce_sum = tf.reduce_sum(tf.cast(bce, tf.float64)) if self.loss == "dice_bce" else zero
+        return grads, tf.stack([zero, zero, zero, bce_sum, zero, zero])
 
     def _tile_probabilities(self, window, offset, shape):
         # In blocks on the fast path: predict_tiles turns them back into pixels (cheaper in numpy).
@@ -253,7 +261,11 @@ class TiledEngine:
     def pass_gradients(
         self, reader: WindowReader, tiles, weights: tuple[float, float, float], progress: Callable[[], None] | None = None
     ) -> tuple[list[np.ndarray], np.ndarray, float]:
-        """Pass 2: float64 gradient sums of the surrogate over ``tiles``, their sums, and the read wait."""
+        """Pass 2: float64 gradient sums of the surrogate over ``tiles``, their sums, and the read wait.
+
+        The sums are all six for BCE (its only pass); for the Dice losses only the BCE sum is
+        filled in (the others came from pass 1).
+        """
         fetch = Prefetcher(lambda tile: reader.read(tile.window, tile.core), enabled=self.prefetch)
         gradients = [np.zeros(v.shape, np.float64) for v in self.model.trainable_variables]
         sums = np.zeros(6, np.float64)
