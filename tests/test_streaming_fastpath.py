@@ -33,6 +33,30 @@ def test_eager_gradients_under_a_tape_match_the_keras_model():
         np.testing.assert_allclose(f.numpy(), k.numpy(), rtol=1e-3, atol=1e-4 * float(tf.reduce_max(tf.abs(k))))
 
 
+def test_blocks_are_tensorflows_space_to_depth_and_back():
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    blocks = to_blocks(image, 4)
+    assert blocks.shape == (6, 10, 48) and blocks.flags.c_contiguous
+    np.testing.assert_array_equal(blocks, tf.nn.space_to_depth(image[np.newaxis], 4)[0].numpy())
+    probabilities = rng.random((24, 40)).astype(np.float32)
+    np.testing.assert_array_equal(from_blocks(to_blocks(probabilities, 4), 4), probabilities)
+    # Straight from a strided view of a bigger array, as windows are cut from a memory map.
+    region = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(to_blocks(region[8:32, 16:56], 4), to_blocks(np.ascontiguousarray(region[8:32, 16:56]), 4))
+
+
+def test_window_reader_in_blocks_reads_windows_and_mask_cores_in_that_layout():
+    from gigaseg.streaming.reader import WindowReader
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    mask = (rng.random((64, 96)) > 0.5).astype(np.uint8)
+    pixels, labels = WindowReader(image, mask, blocks=4).read((8, 16, 40, 64), (16, 24, 32, 56))
+    np.testing.assert_array_equal(pixels, to_blocks(image[8:40, 16:64], 4))
+    np.testing.assert_array_equal(labels, to_blocks(mask[16:32, 24:56], 4))
+
+
 def test_traced_graphs_are_freed_with_their_engine():
     # tf.custom_gradient in a traced function registers a gradient that keeps the graph alive
     # for good (tensorflow/tensorflow#97697): about 1 MB per engine, e.g. per predicted slide.
