@@ -137,7 +137,8 @@ def _read_rgb(slide: openslide.OpenSlide, location: tuple[int, int], level: int,
     """RGB pixels of a region composited onto white, straight from OpenSlide's premultiplied ARGB buffer.
 
     ``OpenSlide.read_region`` hands back a PIL image: un-premultiplying into it, then copying it
-    into numpy, cost about as much as a third of JPEG decoding. Blank (unscanned) areas are
+    into numpy, cost two thirds as much CPU again as OpenSlide's own read (about 22 vs 31 ms
+    per 1152x1152 window). Blank (unscanned) areas are
     transparent; over white a premultiplied colour ``c`` with alpha ``a`` is ``c + 255 - a``.
     """
     w, h = size
