@@ -363,13 +363,9 @@ def predict_tiles(
     they write, so a whole region never needs to be in memory.
     """
     f = engine.blocks
-    if f is not None:
-        natural = load
-
-        def load(tile: Tile) -> np.ndarray:
-            return to_blocks(natural(tile), f)
-
-    fetch = Prefetcher(load, enabled=engine.prefetch, workers=readers)
+    # On the fast path the reader threads also rearrange each window into blocks.
+    read = load if f is None else lambda tile: to_blocks(load(tile), f)
+    fetch = Prefetcher(read, enabled=engine.prefetch, workers=readers)
     for tile, pixels in fetch(plan):
         core = engine._predict_fn(pixels, tf.constant(tile.core_offset, tf.int32), tf.constant(tile.core_shape, tf.int32))
         yield tile, core.numpy() if f is None else from_blocks(core.numpy(), f)
