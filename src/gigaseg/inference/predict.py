@@ -28,6 +28,7 @@ from gigaseg.inference.tiff import KINDS, TIFF_TILE_SIZES, block_sums, write_mas
 from gigaseg.inference.windows import DEFAULT_PAD_VALUE, PaddedLevel
 from gigaseg.slides import open_slide
 from gigaseg.slides.base import SlideReader
+from gigaseg.streaming.plan import tile_below_halo
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,7 @@ class PredictOptions:
                 f"{total_stride} and the TIFF tile {self.tiff_tile_size}), e.g. {max(unit, self.tile_size // unit * unit)}"
             )
         if halo is not None and self.tile_size < halo:
-            raise ConfigError(
-                f"tile_size {self.tile_size} is smaller than the model's halo {halo}: every tile would read and "
-                f"compute more halo than tile; use tile_size={math.ceil(halo / unit) * unit} or more"
-            )
+            raise tile_below_halo(str(self.tile_size), halo, unit)
         if self.min_area_um2 < 0:
             raise ConfigError(f"min_area_um2 must be zero or positive, got {self.min_area_um2}")
         if self.outline_max_mpx <= 0:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import keras
 import psutil
 
-from gigaseg.errors import ConfigError, MemoryPlanError
+from gigaseg.errors import MemoryPlanError
 from gigaseg.streaming.geometry import activation_bytes_per_pixel, model_geometry
-from gigaseg.streaming.plan import as_tile_shape, check_region_shape, check_tile_shape, plan_tiles
+from gigaseg.streaming.plan import as_tile_shape, check_region_shape, check_tile_shape, plan_tiles, tile_below_halo
 
 # Calibration (TensorFlow 2.21 CPU, 2 cores, gigaunet: 67.25 activation bytes per pixel), from
 # peak RSS measured by benchmarks/train_step.py, each configuration in a fresh process:
@@ -139,10 +139,7 @@ def plan_tile_size(
         # Checked before estimating, so a bad size is reported as such, not as a memory shortfall.
         th, tw = check_tile_shape(tile_size, stride)
         if (th < halo and th < height) or (tw < halo and tw < width):  # a tile as large as the region has no halo
-            raise ConfigError(
-                f"tile_size {th}x{tw} is smaller than the model's halo {halo}: every tile would read and compute "
-                f"more halo than tile; use tile_size={math.ceil(halo / stride) * stride} or more"
-            )
+            raise tile_below_halo(f"{th}x{tw}", halo, stride)
         estimate = tiled_step_bytes(model, (th, tw), halo)
         if estimate > budget:
             fit = fitting(max(th, tw))

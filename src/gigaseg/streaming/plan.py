@@ -9,7 +9,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
-from gigaseg.errors import RegionError
+from gigaseg.errors import ConfigError, RegionError
 
 
 class RegionShapeError(RegionError, ValueError):
@@ -77,6 +77,15 @@ class TilePlan:
 
 def _count(size: int, tile: int) -> int:
     return -(-size // tile)
+
+
+def tile_below_halo(tile: str, halo: int, unit: int) -> ConfigError:
+    """The error for a tile smaller than the model's halo: ``tile`` as the user gave it, a fix in multiples of ``unit``."""
+    fix = -(-halo // unit) * unit
+    return ConfigError(
+        f"tile_size {tile} is smaller than the model's halo {halo}: every tile would read and compute "
+        f"more halo than tile; use tile_size={fix} or more"
+    )
 
 
 def _pixels(value, what: str) -> int:
