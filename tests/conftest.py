@@ -31,6 +31,17 @@ def checkpoint_step(path: Path) -> int:
         return 0
 
 
+@pytest.fixture(scope="module")
+def model():
+    """The default ``gigaunet`` with seed-0 weights, one per test module (a module's own ``model`` fixture wins)."""
+    import keras
+
+    from gigaseg.model import build_unet
+
+    keras.utils.set_random_seed(0)
+    return build_unet()
+
+
 @pytest.fixture
 def compose():
     """Compose ``conf/config.yaml`` with overrides, as the entry points do."""

@@ -106,16 +106,6 @@ def file_size_limit(nbytes: int):
 
 
 @pytest.fixture(scope="module")
-def model():
-    import keras
-
-    from gigaseg.model import build_unet
-
-    keras.utils.set_random_seed(0)
-    return build_unet()
-
-
-@pytest.fixture(scope="module")
 def slides(tmp_path_factory):
     """A small synthetic slide (512x256, JPEG tiles of 128) and a copy whose tile at level-0 (256, 128) is corrupt."""
     from gigaseg.slides.synthetic import write_synthetic_slide

@@ -23,21 +23,12 @@ from gigaseg.inference import (
 )
 from gigaseg.inference.predict import OutlineGrid
 from gigaseg.inference.tiff import reduce_block
-from gigaseg.model import build_unet
 from gigaseg.slides import ArrayReader, open_slide
 from gigaseg.slides.synthetic import write_synthetic_slide
 from gigaseg.streaming import TiledEngine
 
 PROSTATE = FIXTURES / "prostate_he_pyramid.tiff"
 PAD = (242, 242, 242)
-
-
-@pytest.fixture(scope="module")
-def model():
-    import keras
-
-    keras.utils.set_random_seed(0)
-    return build_unet()
 
 
 @pytest.fixture(scope="module")

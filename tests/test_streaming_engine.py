@@ -27,14 +27,6 @@ def tissue_region(height: int, width: int, seed: int = 0):
     return image, mask
 
 
-@pytest.fixture(scope="module")
-def model():
-    import keras
-
-    keras.utils.set_random_seed(0)
-    return build_unet()
-
-
 def relative_errors(gradients, reference):
     return [float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30)) for g, r in zip(gradients, reference)]
 
