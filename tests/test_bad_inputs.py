@@ -418,24 +418,30 @@ def test_tiled_training_steps_on_one_class_regions_have_finite_losses_and_gradie
 
 # ---------------------------------------------------------------- read-only folders and full disks
 
-def test_mask_tiff_into_a_read_only_folder_names_it_and_writes_nothing(tmp_path, honour_modes):
-    out = tmp_path / "results"
-    out.mkdir()
-    code = f"""
-import numpy as np
+def _assert_write_error_in_read_only(folder: Path, target: Path, setup: str, call: str, tmp_path: Path, honour_modes):
+    """Run ``setup`` then ``call`` (which writes ``target`` into ``folder``) in a child with ``folder`` read-only:
+    it must raise WriteError naming ``target`` and leave ``folder`` empty."""
+    code = f"""{setup}
 from gigaseg.errors import WriteError
-from gigaseg.inference import write_mask_tiff
 try:
-    write_mask_tiff({str(out / "mask.tiff")!r}, [(0, 0, np.zeros((300, 520), np.uint8))], width=520, height=300,
-                    tile_size=256)
+    {call}
 except WriteError as exc:
     print("WriteError:", exc)
 """
-    with read_only(out):
+    with read_only(folder):
         done = _python(code, tmp_path, **honour_modes)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"WriteError: cannot write {out / 'mask.tiff'}: Permission denied" in done.stdout
-    assert list(out.iterdir()) == []
+    assert f"WriteError: cannot write {target}: Permission denied" in done.stdout
+    assert list(folder.iterdir()) == []
+
+
+def test_mask_tiff_into_a_read_only_folder_names_it_and_writes_nothing(tmp_path, honour_modes):
+    out = tmp_path / "results"
+    out.mkdir()
+    setup = "import numpy as np\nfrom gigaseg.inference import write_mask_tiff"
+    call = (f"write_mask_tiff({str(out / 'mask.tiff')!r}, [(0, 0, np.zeros((300, 520), np.uint8))], "
+            "width=520, height=300, tile_size=256)")
+    _assert_write_error_in_read_only(out, out / "mask.tiff", setup, call, tmp_path, honour_modes)
 
 
 def test_synth_into_a_read_only_folder_is_one_line(tmp_path, honour_modes):
@@ -490,24 +496,14 @@ def test_preparing_onto_a_full_disk_leaves_no_region(tmp_path):
 def test_checkpoint_into_a_read_only_folder_names_it(tmp_path, honour_modes):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    code = f"""
-import keras
+    setup = """import keras
 from gigaseg.checkpoint import save_checkpoint
-from gigaseg.errors import WriteError
 from gigaseg.model import build_unet
 model = build_unet()
 optimizer = keras.optimizers.Adam()
-optimizer.build(model.trainable_variables)
-try:
-    save_checkpoint({str(folder / "last.npz")!r}, model, optimizer, 1, [])
-except WriteError as exc:
-    print("WriteError:", exc)
-"""
-    with read_only(folder):
-        done = _python(code, tmp_path, **honour_modes)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"WriteError: cannot write {folder / 'last.npz'}: Permission denied" in done.stdout
-    assert list(folder.iterdir()) == []
+optimizer.build(model.trainable_variables)"""
+    call = f"save_checkpoint({str(folder / 'last.npz')!r}, model, optimizer, 1, [])"
+    _assert_write_error_in_read_only(folder, folder / "last.npz", setup, call, tmp_path, honour_modes)
 
 
 @pytest.mark.slow
