@@ -137,9 +137,9 @@ def _read_rgb(slide: openslide.OpenSlide, location: tuple[int, int], level: int,
     """RGB pixels of a region composited onto white, straight from OpenSlide's premultiplied ARGB buffer.
 
     ``OpenSlide.read_region`` hands back a PIL image: un-premultiplying into it, then copying it
-    into numpy, cost two thirds as much CPU again as OpenSlide's own read (about 22 vs 31 ms
-    per 1152x1152 window). Blank (unscanned) areas are
-    transparent; over white a premultiplied colour ``c`` with alpha ``a`` is ``c + 255 - a``.
+    into numpy, made a read about 8 % dearer (``benchmarks/predict_stages.py``). Blank
+    (unscanned) areas are transparent; over white a premultiplied colour ``c`` with alpha ``a``
+    is ``c + 255 - a``.
     """
     w, h = size
     if _RAW_READ is None or not hasattr(slide, "_osr") or w <= 0 or h <= 0:  # an openslide-python without it
