@@ -74,3 +74,37 @@ def test_traced_graphs_are_freed_with_their_engine():
     del engine, traced
     gc.collect()
     assert [g() for g in graphs] == [None, None, None]
+
+
+def _core_matches_the_whole_window(fast: SpaceToDepthUNet, image: np.ndarray, top: int, left: int, size: int) -> None:
+    f = fast.factor
+    blocks = tf.constant(to_blocks(image, f))
+    whole = from_blocks(fast(blocks).numpy(), f)
+    box = (tf.constant([top // f, left // f]), tf.constant([size // f, size // f]))
+    core = from_blocks(fast(blocks, box).numpy(), f)
+    np.testing.assert_allclose(core, whole[top : top + size, left : left + size], rtol=0, atol=1e-6)
+
+
+def test_a_core_skips_the_halo_after_the_last_transposed_convolution():
+    fast = SpaceToDepthUNet.build(build_unet())
+    assert fast is not None and fast.crops
+    image = np.random.default_rng(4).integers(0, 256, (256, 320, 3), dtype=np.uint8)
+    _core_matches_the_whole_window(fast, image, 64, 128, 128)
+
+
+def test_a_model_that_needs_the_halo_at_full_resolution_evaluates_whole_windows_then_cuts_the_core():
+    import keras
+    from keras import layers
+
+    # A 1x1 convolution before the strided one: cutting its output to the core would starve
+    # the 7x7 convolution of its halo, so this model must not crop early.
+    inputs = keras.Input((None, None, 3), dtype="uint8")
+    x = layers.Rescaling(1 / 255)(inputs)
+    mixed = layers.Conv2D(3, 1, activation="relu")(x)
+    down = layers.Conv2D(4, 7, strides=4, padding="same", activation="relu")(mixed)
+    up = layers.Conv2DTranspose(4, 4, strides=4, activation="relu")(down)
+    outputs = layers.Conv2D(1, 1, activation="sigmoid")(layers.Concatenate()([up, mixed]))
+    fast = SpaceToDepthUNet.build(keras.Model(inputs, outputs))
+    assert fast is not None and not fast.crops
+    image = np.random.default_rng(5).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    _core_matches_the_whole_window(fast, image, 16, 32, 32)

@@ -146,8 +146,7 @@ class TiledEngine:
         """Probabilities of the tile core (``shape`` pixels at ``offset`` in the window): (h, w), or (h/f, w/f, f*f) blocks on the fast path."""
         if self.fast is not None:
             f = self.fast.factor
-            p = self.fast(window)
-            return tf.slice(p, tf.concat([offset // f, [0]], 0), tf.concat([shape // f, [f * f]], 0))
+            return self.fast(window, (offset // f, shape // f))
         p = self.model(window[tf.newaxis], training=training)[0, :, :, 0]
         return tf.slice(p, offset, shape)
 
