@@ -236,15 +236,23 @@ class SpaceToDepthUNet:
         it runs on the core alone (the halo is only needed by the convolutions below it):
         about a fifth of the full-resolution work for a 1024-pixel tile with a 64-pixel halo.
         """
+        early = core if self.crops else None
+        values = self._evaluate(blocks, early)
+        result = values[id(self.model.outputs[0])]
+        if not isinstance(result, list) or len(result) != 1 or result[0].channels != 1:
+            raise _Unsupported
+        return (result[0].value if result[0].cropped else _crop(result[0].value, core))[0]
+
+    def _evaluate(self, blocks: tf.Tensor, early, skip: frozenset = frozenset()) -> dict:
+        """The value of every tensor of the model (by id), leaving out the operations in ``skip``."""
         f = self.factor
         model = self.model
-        early = core if self.crops else None
         values: dict[int, object] = {}
         jumps: dict[int, int] = {}
         pixels = blocks[tf.newaxis]
         values[id(model.inputs[0])] = [_Part(pixels, int(model.inputs[0].shape[-1]), True)]
         for op in self._plan:
-            if isinstance(op, layers.InputLayer):
+            if isinstance(op, layers.InputLayer) or id(op) in skip:
                 continue
             node = op._inbound_nodes[0]
             keys = [id(t) for t in node.input_tensors]
@@ -276,10 +284,7 @@ class SpaceToDepthUNet:
             for t in node.output_tensors:
                 values[id(t)] = out
                 jumps[id(t)] = jump
-        result = values[id(model.outputs[0])]
-        if not isinstance(result, list) or len(result) != 1 or result[0].channels != 1:
-            raise _Unsupported
-        return (result[0].value if result[0].cropped else _crop(result[0].value, core))[0]
+        return values
 
     def _full_resolution(self, op, args, core):
         f = self.factor

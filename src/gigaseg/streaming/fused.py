@@ -1,0 +1,289 @@
+"""The U-Net's full-resolution tail fused into one pass over the tile core: transposed convolution, ReLU, 1x1 head, sigmoid, loss terms and all their gradients.
+
+At full resolution the network is a few channels wide, so TensorFlow spends its time moving
+whole-window tensors between small ops (a 64-channel pre-activation, its ReLU, two head
+products, the sigmoid, the loss terms, then the same again backwards). Here each row of
+f x f blocks is computed start to finish while it sits in cache, in numba-compiled loops
+over the row (which the compiler vectorises), with no full-size intermediate at all. The
+arithmetic is the model's own, in float32 (with per-block partial sums added in float64), so
+results agree with the TensorFlow evaluation to float32 rounding. Rows are split over threads
+(the kernels release the GIL); per-row results are added in row order, so the sums do not
+depend on the number of threads.
+
+Shapes (``S = f*f`` pixels per block, ``C`` input channels, ``F`` filters, ``J = S*F``):
+``value`` (rows, cols, C) float32, the transposed convolution's input cut to the core;
+``image`` (rows, cols, 3*S) uint8, the core's pixels in blocks; ``labels`` (rows, cols, S)
+uint8; ``wt`` (C, J) and ``bt`` (J,) the transposed convolution as a product (output
+``J`` index = sub-pixel * F + filter); ``wa`` (F,) and ``wi`` (3,) the head's weights for the
+activations and for the rescaled image, ``bh`` its bias; ``scale``, ``offset`` the rescaling.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+
+# Sums of one core, in this order (the engine's PassSums layout).
+SUMS = ("A", "B", "C", "bce", "hard_intersection", "hard_predicted")
+
+_F32 = np.float32
+_ONE = np.float32(1.0)
+_ZERO = np.float32(0.0)
+_HALF = np.float32(0.5)
+
+
+# exp(r) for |r| <= ln(2)/2: Taylor terms 1 / k!, k = 0..7 (error below 1e-8); ln 2 in two parts (Cody and Waite).
+_EXP = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))
+_LOG2E = np.float32(1.0 / math.log(2.0))
+_LN2_HI = np.float32(0.693359375)  # exact in float32 with trailing zeros: n * _LN2_HI is exact
+_LN2_LO = np.float32(math.log(2.0) - 0.693359375)
+
+
+@numba.njit(fastmath=True, nogil=True, cache=True)
+def _sigmoid(z, bits):  # pragma: no cover - compiled
+    """``z = 1 / (1 + exp(-z))`` in place, float32, in loops the compiler vectorises (``math.exp`` it does not).
+
+    ``exp(-z) = 2**n * exp(r)`` with ``n`` an integer (put straight into the float's exponent
+    bits) and ``|r| <= ln(2)/2`` (a polynomial): about float32 rounding, like TensorFlow's.
+    """
+    c0, c1, c2, c3, c4, c5, c6, c7 = _EXP
+    for q in range(z.shape[0]):
+        t = min(max(-z[q], np.float32(-87.0)), np.float32(88.0))
+        n = math.floor(t * _LOG2E + _HALF)
+        bits[q] = (np.int32(n) + np.int32(127)) << np.int32(23)
+        r = (t - n * _LN2_HI) - n * _LN2_LO
+        z[q] = c0 + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))
+    power = bits.view(np.float32)
+    for q in range(z.shape[0]):
+        z[q] = _ONE / (_ONE + z[q] * power[q])
+
+
+@numba.njit(fastmath=True, nogil=True, cache=True)
+def _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, p, e):  # pragma: no cover - compiled
+    """Probabilities of block row ``i`` into ``p`` (S, cols); keeps the row's input ``v``, pre-activations ``pre`` and rescaled pixels ``x``.
+
+    ``e`` is scratch space of ``p``'s shape, int32.
+    """
+    cols = value.shape[1]
+    channels, width = wt.shape
+    filters = wa.shape[0]
+    sub = width // filters
+    for c in range(cols):
+        for k in range(channels):
+            v[k, c] = value[i, c, k]
+        for q in range(3 * sub):
+            x[q, c] = _F32(image[i, c, q]) * scale + offset
+    for j in range(width):
+        b = bt[j]
+        for c in range(cols):
+            pre[j, c] = b
+        for k in range(channels):
+            w = wt[k, j]
+            for c in range(cols):
+                pre[j, c] += w * v[k, c]
+    for s in range(sub):
+        for c in range(cols):
+            p[s, c] = bh
+        for o in range(filters):
+            w = wa[o]
+            for c in range(cols):
+                p[s, c] += w * max(pre[s * filters + o, c], _ZERO)
+        for ch in range(3):
+            w = wi[ch]
+            for c in range(cols):
+                p[s, c] += w * x[s * 3 + ch, c]
+    _sigmoid(p.ravel(), e.ravel())
+
+
+@numba.njit(fastmath=True, nogil=True, cache=True)
+def _row_sums(p, labels, i, clip, with_bce, sums):  # pragma: no cover - compiled
+    """Add row ``i``'s A, B, C, BCE (if ``with_bce``), hard intersection and hard predicted to ``sums`` (float64, per block in float32)."""
+    sub, cols = p.shape
+    for c in range(cols):
+        a = b = y_sum = bce = inter = predicted = _ZERO
+        for s in range(sub):
+            q = p[s, c]
+            y = _F32(labels[i, c, s])
+            a += q * y
+            b += q
+            y_sum += y
+            if with_bce:
+                qc = min(max(q, clip), _ONE - clip)
+                bce -= y * math.log(qc) + (_ONE - y) * math.log(_ONE - qc)
+            hard = _ONE if q >= _HALF else _ZERO
+            inter += hard * y
+            predicted += hard
+        sums[0] += a
+        sums[1] += b
+        sums[2] += y_sum
+        sums[3] += bce
+        sums[4] += inter
+        sums[5] += predicted
+
+
+@numba.njit(fastmath=True, nogil=True, cache=True)
+def _probabilities(value, image, lo, hi, wt, bt, wa, wi, bh, scale, offset, out):  # pragma: no cover - compiled
+    cols = value.shape[1]
+    channels, width = wt.shape
+    sub = width // wa.shape[0]
+    v = np.empty((channels, cols), np.float32)
+    pre = np.empty((width, cols), np.float32)
+    x = np.empty((3 * sub, cols), np.float32)
+    p = np.empty((sub, cols), np.float32)
+    e = np.empty((sub, cols), np.int32)
+    for i in range(lo, hi):
+        _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, p, e)
+        for c in range(cols):
+            for s in range(sub):
+                out[i, c, s] = p[s, c]
+
+
+@numba.njit(fastmath=True, nogil=True, cache=True)
+def _sums(value, image, labels, lo, hi, wt, bt, wa, wi, bh, scale, offset, clip, with_bce, out):  # pragma: no cover - compiled
+    cols = value.shape[1]
+    channels, width = wt.shape
+    sub = width // wa.shape[0]
+    v = np.empty((channels, cols), np.float32)
+    pre = np.empty((width, cols), np.float32)
+    x = np.empty((3 * sub, cols), np.float32)
+    p = np.empty((sub, cols), np.float32)
+    e = np.empty((sub, cols), np.int32)
+    for i in range(lo, hi):
+        _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, p, e)
+        _row_sums(p, labels, i, clip, with_bce, out[i])
+
+
+@numba.njit(fastmath=True, nogil=True, cache=True)
+def _gradients(
+    value, image, labels, lo, hi, wt, bt, wa, wi, bh, scale, offset, clip, with_bce,
+    weight_background, weight_tissue, bce_scale, g_value, g_wt, g_bt, g_wa, g_wi, g_bh, sums,
+):  # pragma: no cover - compiled
+    """Gradients of ``sum(weight(y) * p) + bce_scale * sum(bce(p, y))`` over rows ``lo:hi``, per row (float64)."""
+    cols = value.shape[1]
+    channels, width = wt.shape
+    filters = wa.shape[0]
+    sub = width // filters
+    v = np.empty((channels, cols), np.float32)
+    pre = np.empty((width, cols), np.float32)
+    x = np.empty((3 * sub, cols), np.float32)
+    p = np.empty((sub, cols), np.float32)
+    e = np.empty((sub, cols), np.int32)
+    gz = np.empty((sub, cols), np.float32)
+    gpre = np.empty(cols, np.float32)
+    gv = np.empty((channels, cols), np.float32)
+    for i in range(lo, hi):
+        _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, p, e)
+        _row_sums(p, labels, i, clip, with_bce, sums[i])
+        # dL/dz of the sigmoid's input, as TensorFlow's gradients of the same expressions give it.
+        for s in range(sub):
+            for c in range(cols):
+                q = p[s, c]
+                y = _F32(labels[i, c, s])
+                g = weight_tissue if y > _ZERO else weight_background
+                if bce_scale != _ZERO and q >= clip and q <= _ONE - clip:
+                    g += bce_scale * ((_ONE - y) / (_ONE - q) - y / q)
+                gz[s, c] = g * q * (_ONE - q)
+        acc_bh = _ZERO
+        for s in range(sub):
+            for c in range(cols):
+                acc_bh += gz[s, c]
+        g_bh[i] = acc_bh
+        gv[:, :] = _ZERO
+        for s in range(sub):
+            for ch in range(3):
+                acc = _ZERO
+                for c in range(cols):
+                    acc += gz[s, c] * x[s * 3 + ch, c]
+                g_wi[i, ch] += acc
+            for o in range(filters):
+                j = s * filters + o
+                w = wa[o]
+                acc = _ZERO
+                acc_b = _ZERO
+                for c in range(cols):
+                    a = pre[j, c]
+                    acc += gz[s, c] * max(a, _ZERO)
+                    gpre[c] = gz[s, c] * w if a > _ZERO else _ZERO
+                    acc_b += gpre[c]
+                g_wa[i, o] += acc
+                g_bt[i, j] = acc_b
+                for k in range(channels):
+                    w_kj = wt[k, j]
+                    acc = _ZERO
+                    for c in range(cols):
+                        acc += v[k, c] * gpre[c]
+                        gv[k, c] += w_kj * gpre[c]
+                    g_wt[i, k, j] = acc
+        for c in range(cols):
+            for k in range(channels):
+                g_value[i, c, k] = gv[k, c]
+
+
+class FusedTail:
+    """Runs the fused kernels on a tile core, its rows split over ``threads`` threads (default: the CPU count)."""
+
+    def __init__(self, threads: int | None = None, clip: float = 1e-7):
+        self.threads = max(1, int(threads or os.cpu_count() or 1))
+        self.clip = np.float32(clip)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gigaseg-fused") if self.threads > 1 else None
+
+    def _rows(self, rows: int, kernel) -> None:
+        """Call ``kernel(lo, hi)`` on contiguous shares of ``rows``, in parallel."""
+        if self._pool is None or rows < 2 * self.threads:
+            kernel(0, rows)
+            return
+        bounds = np.linspace(0, rows, self.threads + 1).astype(int)
+        for future in [self._pool.submit(kernel, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+            future.result()
+
+    @staticmethod
+    def _params(wt, bt, wa, wi, bh, scale, offset):
+        f32 = [np.ascontiguousarray(a, np.float32) for a in (wt, bt, wa, wi)]
+        return (*f32, np.float32(bh), np.float32(scale), np.float32(offset))
+
+    def probabilities(self, value, image, wt, bt, wa, wi, bh, scale, offset) -> np.ndarray:
+        """(rows, cols, S) float32 probabilities of the core."""
+        params = self._params(wt, bt, wa, wi, bh, scale, offset)
+        rows, cols = value.shape[:2]
+        out = np.empty((rows, cols, params[0].shape[1] // params[2].shape[0]), np.float32)
+        self._rows(rows, lambda lo, hi: _probabilities(value, image, lo, hi, *params, out))
+        return out
+
+    def sums(self, value, image, labels, wt, bt, wa, wi, bh, scale, offset, with_bce) -> np.ndarray:
+        """The six float64 sums of :data:`SUMS` over the core (BCE left 0 unless ``with_bce``)."""
+        params = self._params(wt, bt, wa, wi, bh, scale, offset)
+        per_row = np.zeros((value.shape[0], len(SUMS)), np.float64)
+        flag = bool(with_bce)
+        self._rows(value.shape[0], lambda lo, hi: _sums(value, image, labels, lo, hi, *params, self.clip, flag, per_row))
+        return per_row.sum(0)
+
+    def gradients(
+        self, value, image, labels, wt, bt, wa, wi, bh, scale, offset, weight_background, weight_tissue, bce_scale
+    ) -> tuple[np.ndarray, ...]:
+        """Gradients of the core's surrogate ``sum(weight(y) * p) + bce_scale * sum(bce)`` and its six sums.
+
+        Returns (d value, d wt, d bt, d wa, d wi, d bh) in float32, shaped like the inputs,
+        and the :data:`SUMS` in float64 (BCE only if ``bce_scale`` is not 0).
+        """
+        params = self._params(wt, bt, wa, wi, bh, scale, offset)
+        wt32, bt32, wa32 = params[:3]
+        rows, cols, channels = value.shape
+        g_value = np.empty((rows, cols, channels), np.float32)
+        g_wt = np.zeros((rows, *wt32.shape), np.float64)
+        g_bt = np.zeros((rows, bt32.shape[0]), np.float64)
+        g_wa = np.zeros((rows, wa32.shape[0]), np.float64)
+        g_wi = np.zeros((rows, 3), np.float64)
+        g_bh = np.zeros(rows, np.float64)
+        sums = np.zeros((rows, len(SUMS)), np.float64)
+        weights = (np.float32(weight_background), np.float32(weight_tissue), np.float32(bce_scale))
+        outputs = (g_value, g_wt, g_bt, g_wa, g_wi, g_bh, sums)
+        self._rows(
+            rows,
+            lambda lo, hi: _gradients(value, image, labels, lo, hi, *params, self.clip, bce_scale != 0, *weights, *outputs),
+        )
+        grads = [g_value] + [g.sum(0).astype(np.float32) for g in (g_wt, g_bt, g_wa, g_wi)] + [np.float32(g_bh.sum())]
+        return (*grads, sums.sum(0))

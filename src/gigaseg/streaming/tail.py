@@ -1,0 +1,149 @@
+"""TensorFlow side of the fused full-resolution tail (:mod:`gigaseg.streaming.fused`): recognising it in a model, and the per-tile graphs that call it.
+
+The tail is the U-Net's last transposed convolution (kernel = stride = the first stride,
+ReLU), its concatenation with the rescaled input image and the 1x1 sigmoid head. TensorFlow
+evaluates everything below it (:class:`~gigaseg.streaming.fastpath.SpaceToDepthUNet`, cut
+to the tile core); the kernels do the rest and hand back the gradients of the tail's input
+and parameters, which the gradient tape carries down to the variables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+from gigaseg.losses import BCE_CLIP
+from gigaseg.streaming.fastpath import SpaceToDepthUNet, _crop, _square, from_blocks, to_blocks
+from gigaseg.streaming.fused import SUMS, FusedTail
+
+
+def _producer(tensor):
+    return tensor._keras_history.operation
+
+
+@dataclass
+class Tail:
+    """The fused tail of a model evaluated by ``net``; build it with :meth:`Tail.find`."""
+
+    net: SpaceToDepthUNet
+    transposed: layers.Conv2DTranspose
+    head: layers.Conv2D
+    rescaling: layers.Rescaling
+    image_first: bool  # the concatenation's order: [image, activations] or [activations, image]
+    kernels: FusedTail
+
+    @classmethod
+    def find(cls, net: SpaceToDepthUNet, threads: int | None = None) -> "Tail | None":
+        """The fused tail of ``net``'s model, or None if its last layers are not that pattern (checked numerically too)."""
+        model, f = net.model, net.factor
+        try:
+            head = _producer(model.outputs[0])
+            concat = _producer(head._inbound_nodes[0].input_tensors[0])
+            inputs = concat._inbound_nodes[0].input_tensors
+            kinds = [_producer(t) for t in inputs]
+        except (AttributeError, IndexError):
+            return None
+        if not (
+            type(head) is layers.Conv2D
+            and _square(head.kernel_size) == 1
+            and _square(head.strides) == 1
+            and head.filters == 1
+            and head.activation is keras.activations.sigmoid
+            and isinstance(concat, layers.Concatenate)
+            and concat.axis in (-1, 3)
+            and len(kinds) == 2
+            and model.compute_dtype == "float32"
+        ):
+            return None
+        image_first = isinstance(kinds[0], layers.Rescaling)
+        rescaling, transposed = kinds if image_first else kinds[::-1]
+        if not (
+            type(rescaling) is layers.Rescaling
+            and rescaling._inbound_nodes[0].input_tensors[0] is model.inputs[0]
+            and np.ndim(rescaling.scale) == 0
+            and np.ndim(rescaling.offset) == 0
+            and type(transposed) is layers.Conv2DTranspose
+            and _square(transposed.strides) == f
+            and _square(transposed.kernel_size) == f
+            and _square(transposed.dilation_rate) == 1
+            and transposed.activation is keras.activations.relu
+        ):
+            return None
+        tail = cls(net, transposed, head, rescaling, image_first, FusedTail(threads, clip=BCE_CLIP))
+        return tail if tail._agrees() else None
+
+    def _agrees(self) -> bool:
+        """Whether the fused probabilities match the TensorFlow evaluation on a small random image."""
+        f, size = self.net.factor, 128
+        image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        blocks = tf.constant(to_blocks(image, f))
+        core = (tf.constant([0, 0]), tf.constant([size // f] * 2))
+        fused = from_blocks(self.probabilities(blocks, core).numpy(), f)
+        reference = from_blocks(self.net(blocks).numpy(), f)
+        return bool(np.max(np.abs(fused - reference)) <= 1e-5)
+
+    # ----- TensorFlow pieces ------------------------------------------------------------------
+
+    def _below(self, blocks: tf.Tensor, core) -> tf.Tensor:
+        """The transposed convolution's input, cut to the core: (rows, cols, C)."""
+        skip = frozenset(id(op) for op in (self.transposed, self.head, _producer(self.head._inbound_nodes[0].input_tensors[0])))
+        values = self.net._evaluate(blocks, None, skip)
+        below = values[id(self.transposed._inbound_nodes[0].input_tensors[0])]
+        return _crop(below, core)[0]
+
+    def parameters(self) -> list[tf.Tensor]:
+        """(wt, bt, wa, wi, bh) from the layers' variables, with differentiable ops."""
+        t, head, f = self.transposed, self.head, self.net.factor
+        kernel = t.kernel  # (f, f, filters, channels in)
+        wt = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [kernel.shape[3], -1])
+        bt = tf.tile(t.bias, [f * f]) if t.use_bias else tf.zeros([wt.shape[1]], wt.dtype)
+        weights = head.kernel[0, 0, :, 0]
+        if self.image_first:
+            wi, wa = weights[:3], weights[3:]
+        else:
+            wa, wi = weights[: t.filters], weights[t.filters :]
+        bh = head.bias[0] if head.use_bias else tf.zeros([], weights.dtype)
+        return [wt, bt, wa, wi, bh]
+
+    def _rescale(self) -> list[tf.Tensor]:
+        return [tf.constant(float(self.rescaling.scale), tf.float32), tf.constant(float(self.rescaling.offset), tf.float32)]
+
+    @staticmethod
+    def _image(blocks: tf.Tensor, core) -> tf.Tensor:
+        return _crop(blocks[tf.newaxis], core)[0]
+
+    def probabilities(self, blocks: tf.Tensor, core) -> tf.Tensor:
+        """(rows, cols, f*f) probabilities of the core, as ``net(blocks, core)`` gives them."""
+        inputs = [self._below(blocks, core), self._image(blocks, core), *self.parameters(), *self._rescale()]
+        p = tf.numpy_function(self.kernels.probabilities, inputs, tf.float32, stateful=False, name="fused_tail")
+        return tf.ensure_shape(p, [None, None, self.net.factor**2])
+
+    def sums(self, blocks: tf.Tensor, labels: tf.Tensor, core, with_bce: bool) -> tf.Tensor:
+        """The six float64 sums of the core (:data:`gigaseg.streaming.fused.SUMS`)."""
+        inputs = [self._below(blocks, core), self._image(blocks, core), labels, *self.parameters(), *self._rescale(),
+                  tf.constant(with_bce)]
+        sums = tf.numpy_function(self.kernels.sums, inputs, tf.float64, stateful=False, name="fused_tail_sums")
+        return tf.ensure_shape(sums, [len(SUMS)])
+
+    def gradients(self, blocks, labels, core, weights, variables) -> tuple[list[tf.Tensor], tf.Tensor]:
+        """Gradients of the core's surrogate for ``variables`` and the core's six sums.
+
+        ``weights`` = (dL/dp of background, of tissue, BCE scale), float32 tensors.
+        """
+        with tf.GradientTape() as tape:
+            below = self._below(blocks, core)
+            parameters = self.parameters()
+        inputs = [below, self._image(blocks, core), labels, *parameters, *self._rescale(), *weights]
+        outputs = tf.numpy_function(
+            self.kernels.gradients, inputs, [tf.float32] * 6 + [tf.float64], stateful=False, name="fused_tail_gradients"
+        )
+        targets = [below, *parameters]
+        upstream = [tf.ensure_shape(g, t.shape) if t.shape.is_fully_defined() else g for g, t in zip(outputs[:6], targets)]
+        upstream[0] = tf.reshape(upstream[0], tf.shape(below))
+        grads = tape.gradient(targets, variables, output_gradients=upstream)
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        return grads, tf.ensure_shape(outputs[6], [len(SUMS)])

@@ -1,0 +1,74 @@
+"""The fused full-resolution tail: same losses, sums, gradients and probabilities as TensorFlow's evaluation of the layers it replaces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gigaseg.model import build_unet
+from gigaseg.streaming import TiledEngine
+from gigaseg.streaming.fused import FusedTail, _sigmoid
+
+
+@pytest.fixture(scope="module")
+def region():
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (384, 512, 3), dtype=np.uint8)
+    mask = (rng.random((384, 512)) > 0.6).astype(np.uint8)
+    return image, mask
+
+
+@pytest.mark.parametrize("loss", ["dice", "bce", "dice_bce"])
+def test_fused_step_matches_the_tensorflow_tail(model, region, loss):
+    image, mask = region
+    fused = TiledEngine(model, loss=loss, tile_size=128)
+    assert fused.tail is not None
+    plain = TiledEngine(model, loss=loss, tile_size=128, fused=False)
+    assert plain.tail is None
+    a, b = fused.step(image, mask), plain.step(image, mask)
+    assert a.loss == pytest.approx(b.loss, rel=1e-6)
+    assert a.dice == b.dice
+    for key in ("A", "B", "C", "bce_sum", "hard_intersection", "hard_predicted"):
+        assert a.sums[key] == pytest.approx(b.sums[key], rel=1e-6, abs=1e-9), key
+    for g, r in zip(a.gradients, b.gradients):
+        assert np.linalg.norm(g - r) <= 1e-5 * np.linalg.norm(r)
+
+
+def test_fused_probabilities_match_the_tensorflow_tail(model, region):
+    image, _ = region
+    fused = TiledEngine(model, tile_size=128).predict(image)
+    plain = TiledEngine(model, tile_size=128, fused=False).predict(image)
+    np.testing.assert_allclose(fused, plain, rtol=0, atol=1e-6)
+
+
+def test_sums_and_gradients_do_not_depend_on_the_number_of_threads():
+    rng = np.random.default_rng(3)
+    value = rng.standard_normal((37, 21, 8)).astype(np.float32)
+    image = rng.integers(0, 256, (37, 21, 48), dtype=np.uint8)
+    labels = rng.integers(0, 2, (37, 21, 16), dtype=np.uint8)
+    params = (rng.standard_normal((8, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32),
+              rng.standard_normal(4).astype(np.float32), rng.standard_normal(3).astype(np.float32), 0.2, 7 / 255, -6.0)
+    one, three = FusedTail(1), FusedTail(3)
+    np.testing.assert_array_equal(one.sums(value, image, labels, *params, True), three.sums(value, image, labels, *params, True))
+    for a, b in zip(one.gradients(value, image, labels, *params, 1e-3, -2e-3, 1e-4),
+                    three.gradients(value, image, labels, *params, 1e-3, -2e-3, 1e-4)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(one.probabilities(value, image, *params), three.probabilities(value, image, *params))
+
+
+def test_sigmoid_is_within_float32_rounding():
+    z = np.linspace(-60, 60, 240_001).astype(np.float32)
+    exact = 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+    out = z.copy()
+    _sigmoid(out, np.empty(z.shape, np.int32))
+    assert np.max(np.abs(out - exact) / exact) < 3e-7
+
+
+def test_a_model_with_another_tail_uses_tensorflow_and_stays_exact(region):
+    image, mask = region
+    model = build_unet(activation="elu")  # the fused kernels know ReLU only
+    engine = TiledEngine(model, loss="dice", tile_size=128)
+    assert engine.fast is not None and engine.tail is None
+    whole = TiledEngine(model, loss="dice", tile_size=(384, 512)).step(image, mask)
+    tiled = engine.step(image, mask)
+    assert tiled.loss == pytest.approx(whole.loss, rel=1e-6)
