@@ -7,7 +7,7 @@ import pytest
 
 from gigaseg.model import build_unet
 from gigaseg.streaming import TiledEngine
-from gigaseg.streaming.fused import FusedTail, _sigmoid
+from gigaseg.streaming.fused import FusedTail, RowSplitter, _sigmoid
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_sums_and_gradients_do_not_depend_on_the_number_of_threads():
     labels = rng.integers(0, 2, (37, 21, 16), dtype=np.uint8)
     params = (rng.standard_normal((8, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32),
               rng.standard_normal(4).astype(np.float32), rng.standard_normal(3).astype(np.float32), 0.2, 7 / 255, -6.0)
-    one, three = FusedTail(1), FusedTail(3)
+    one, three = FusedTail(RowSplitter(1)), FusedTail(RowSplitter(3))
     np.testing.assert_array_equal(one.sums(value, image, labels, *params, True), three.sums(value, image, labels, *params, True))
     for a, b in zip(one.gradients(value, image, labels, *params, 1e-3, -2e-3, 1e-4),
                     three.gradients(value, image, labels, *params, 1e-3, -2e-3, 1e-4)):

@@ -223,22 +223,29 @@ def _gradients(
                 g_value[i, c, k] = gv[k, c]
 
 
-class FusedTail:
-    """Runs the fused kernels on a tile core, its rows split over ``threads`` threads (default: the CPU count)."""
+class RowSplitter:
+    """Calls a kernel on contiguous shares of a range of rows in ``threads`` threads (default: the CPU count)."""
 
-    def __init__(self, threads: int | None = None, clip: float = 1e-7):
+    def __init__(self, threads: int | None = None):
         self.threads = max(1, int(threads or os.cpu_count() or 1))
-        self.clip = np.float32(clip)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gigaseg-fused") if self.threads > 1 else None
 
-    def _rows(self, rows: int, kernel) -> None:
-        """Call ``kernel(lo, hi)`` on contiguous shares of ``rows``, in parallel."""
+    def __call__(self, rows: int, kernel) -> None:
+        """``kernel(lo, hi)`` for shares ``lo:hi`` of ``range(rows)``, in parallel (the kernels release the GIL)."""
         if self._pool is None or rows < 2 * self.threads:
             kernel(0, rows)
             return
         bounds = np.linspace(0, rows, self.threads + 1).astype(int)
         for future in [self._pool.submit(kernel, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]:
             future.result()
+
+
+class FusedTail:
+    """Runs the tail's kernels on a tile core, its rows split by ``rows``."""
+
+    def __init__(self, rows: RowSplitter | None = None, clip: float = 1e-7):
+        self._rows = rows or RowSplitter()
+        self.clip = np.float32(clip)
 
     @staticmethod
     def _params(wt, bt, wa, wi, bh, scale, offset):
