@@ -27,6 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
+# Reassociation (vectorised sums), fused multiply-adds and fast reciprocals, but NaN and inf
+# keep their meaning: a diverging step must still show a NaN loss.
+_FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
+
 # Sums of one core, in this order (the engine's PassSums layout).
 SUMS = ("A", "B", "C", "bce", "hard_intersection", "hard_predicted")
 
@@ -43,7 +47,7 @@ _LN2_HI = np.float32(0.693359375)  # exact in float32 with trailing zeros: n * _
 _LN2_LO = np.float32(math.log(2.0) - 0.693359375)
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True)
+@numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
 def _sigmoid(z, bits):  # pragma: no cover - compiled
     """``z = 1 / (1 + exp(-z))`` in place, float32, in loops the compiler vectorises (``math.exp`` it does not).
 
@@ -62,7 +66,7 @@ def _sigmoid(z, bits):  # pragma: no cover - compiled
         z[q] = _ONE / (_ONE + z[q] * power[q])
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True)
+@numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
 def _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, p, e):  # pragma: no cover - compiled
     """Probabilities of block row ``i`` into ``p`` (S, cols); keeps the row's input ``v``, pre-activations ``pre`` and rescaled pixels ``x``.
 
@@ -99,7 +103,7 @@ def _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, 
     _sigmoid(p.ravel(), e.ravel())
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True)
+@numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
 def _row_sums(p, labels, i, clip, with_bce, sums):  # pragma: no cover - compiled
     """Add row ``i``'s A, B, C, BCE (if ``with_bce``), hard intersection and hard predicted to ``sums`` (float64, per block in float32)."""
     sub, cols = p.shape
@@ -125,7 +129,7 @@ def _row_sums(p, labels, i, clip, with_bce, sums):  # pragma: no cover - compile
         sums[5] += predicted
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True)
+@numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
 def _probabilities(value, image, lo, hi, wt, bt, wa, wi, bh, scale, offset, out):  # pragma: no cover - compiled
     cols = value.shape[1]
     channels, width = wt.shape
@@ -142,7 +146,7 @@ def _probabilities(value, image, lo, hi, wt, bt, wa, wi, bh, scale, offset, out)
                 out[i, c, s] = p[s, c]
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True)
+@numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
 def _sums(value, image, labels, lo, hi, wt, bt, wa, wi, bh, scale, offset, clip, with_bce, out):  # pragma: no cover - compiled
     cols = value.shape[1]
     channels, width = wt.shape
@@ -157,7 +161,7 @@ def _sums(value, image, labels, lo, hi, wt, bt, wa, wi, bh, scale, offset, clip,
         _row_sums(p, labels, i, clip, with_bce, out[i])
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True)
+@numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
 def _gradients(
     value, image, labels, lo, hi, wt, bt, wa, wi, bh, scale, offset, clip, with_bce,
     weight_background, weight_tissue, bce_scale, g_value, g_wt, g_bt, g_wa, g_wi, g_bh, sums,

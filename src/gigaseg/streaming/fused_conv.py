@@ -14,13 +14,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from gigaseg.streaming.fused import RowSplitter
+from gigaseg.streaming.fused import _FAST, RowSplitter
 
 _F32 = np.float32
 _ZERO = np.float32(0.0)
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True)
+@numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
 def _planes(blocks, lo, hi, f, scale, offset, margin, out):  # pragma: no cover - compiled
     """``out[(ry*f + rx)*3 + c, I + margin, J + margin]`` = rescaled pixel (f*I + ry, f*J + rx, c), for block rows ``lo:hi``; margins zero."""
     rows, cols, channels = blocks.shape
@@ -42,7 +42,7 @@ def _planes(blocks, lo, hi, f, scale, offset, margin, out):  # pragma: no cover 
                     plane[c] = _F32(blocks[r, start + c, q]) * scale + offset
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True)
+@numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
 def _forward(planes, w, b, f, before, margin, lo, hi, out):  # pragma: no cover - compiled
     """ReLU(convolution + b) of output rows ``lo:hi`` into ``out`` (rows, cols, filters)."""
     k = w.shape[0]
@@ -69,7 +69,7 @@ def _forward(planes, w, b, f, before, margin, lo, hi, out):  # pragma: no cover 
                 out[i, j, o] = max(acc[o, j], _ZERO)
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True)
+@numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
 def _filter_gradient(planes, e, g, f, before, margin, lo, hi, dw, db):  # pragma: no cover - compiled
     """Per output row ``i`` in ``lo:hi``: ``dw[i]`` (k, k, 3, filters) and ``db[i]`` of ``sum(g * e)`` through the ReLU."""
     k = dw.shape[1]
