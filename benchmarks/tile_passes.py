@@ -6,7 +6,9 @@ warm-up calls, and reports the median CPU milliseconds per call (``time.process_
 of TensorFlow's threads included) and per core megapixel. ``--tile-size`` takes several
 sizes for a sweep (the sum of both passes per core Mpx is what picks a tile size).
 ``--profile`` adds, for the first tile size, the share of each kind of TensorFlow op in each
-pass from ``tf.profiler`` (run it with ``--threads 1`` so op times add up to CPU time).
+pass from ``tf.profiler`` (run it with ``--threads 1`` so op times add up to CPU time; that
+also gives the fused kernels one thread). ``--no-fused`` measures the TensorFlow evaluation
+of the full-resolution layers instead.
 Example:
 
     python benchmarks/tile_passes.py --tile-size 512 1024 1536 2048 --json
@@ -33,6 +35,8 @@ def _op_kind(name: str) -> str | None:
         return None
     op_name, op_type = name.rsplit(":", 1)
     backward = op_name.startswith("gradient_tape")
+    if op_type == "PyFuncStateless":  # the fused numba kernels (gigaseg.streaming.fused*), wall time
+        return "fused kernels"
     if op_type == "MatMul":
         return "matrix-product gradients" if backward else "forward matrix products"
     if op_type in ("Conv2D", "_FusedConv2D") and not backward:
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
 
     keras.utils.set_random_seed(0)
     model = build_unet()
-    engine = TiledEngine(model, loss=args.loss)
+    engine = TiledEngine(model, loss=args.loss, fused=not args.no_fused, fused_threads=args.threads or None)
     f = engine.blocks
     rng = np.random.default_rng(0)
     weights = [tf.constant(v, tf.float64) for v in (1e-9, -1e-9, 1e-9 if args.loss != "dice" else 0.0)]
@@ -117,7 +121,7 @@ def run(args: argparse.Namespace) -> dict:
         }
         if args.profile and not profile:
             profile = {name: _profile(call, args.repeat) for name, call in calls.items() if name != "forward_only"}
-    return {"loss": args.loss, "halo": HALO, "threads": args.threads or "default", "fast_path": f is not None,
+    return {"loss": args.loss, "halo": HALO, "threads": args.threads or "default", "fast_path": f is not None, "fused": engine.tail is not None,
             "tiles": sizes, **({"profile_ms": profile} if profile else {})}
 
 
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tile-size", type=int, nargs="+", default=[1024], help="tile (core) sides, multiples of 64")
     parser.add_argument("--loss", choices=("dice", "bce", "dice_bce"), default="dice")
-    parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra/inter-op threads (0: default)")
+    parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra/inter-op threads and the fused kernels' threads (0: default)")
+    parser.add_argument("--no-fused", action="store_true", help="TensorFlow for the full-resolution layers too (TiledEngine(fused=False))")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="add the share of each kind of op (tf.profiler)")

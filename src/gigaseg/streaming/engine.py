@@ -91,6 +91,13 @@ class TiledEngine:
     region (see :func:`gigaseg.streaming.memory.plan_tile_size`). ``halo`` defaults to the
     one derived from the model's layers. The caller applies the gradients (one optimizer
     step per region).
+
+    Three evaluations give the same numbers (to float32 rounding): with ``fused`` (the default,
+    for models whose first and last layers it recognises) the full-resolution layers run in
+    compiled loops (:mod:`gigaseg.streaming.tail`) and TensorFlow the rest in space-to-depth
+    layout; with ``fast`` alone TensorFlow runs all of it in that layout
+    (:mod:`gigaseg.streaming.fastpath`); with neither, the Keras model itself. The compiled
+    loops split each tile's rows over ``fused_threads`` threads (default: one per CPU).
     """
 
     def __init__(
@@ -104,6 +111,7 @@ class TiledEngine:
         jit_compile: bool = False,
         fast: bool = True,
         fused: bool = True,
+        fused_threads: int | None = None,
     ):
         self.model = model
         self.loss = check_loss_name(loss)
@@ -116,7 +124,7 @@ class TiledEngine:
         self.fast = SpaceToDepthUNet.build(model) if fast else None
         # The full-resolution tail in compiled loops over the core (gigaseg.streaming.fused):
         # the same arithmetic again, without TensorFlow's whole-window intermediates.
-        self.tail = Tail.find(self.fast) if fused and self.fast is not None else None
+        self.tail = Tail.find(self.fast, fused_threads) if fused and self.fast is not None else None
         window, core_mask = _WINDOW, _CORE_MASK
         if self.fast is not None:
             # Windows and mask cores arrive in space-to-depth layout (see window_reader).

@@ -22,6 +22,7 @@ from gigaseg.losses import BCE_CLIP
 from gigaseg.streaming.fastpath import SpaceToDepthUNet, _crop, _square, from_blocks, to_blocks
 from gigaseg.streaming.fused import SUMS, FusedTail, RowSplitter
 from gigaseg.streaming.fused_conv import FusedFirstConv
+from gigaseg.streaming.geometry import total_stride
 
 
 def _producer(tensor):
@@ -115,7 +116,7 @@ class Tail:
 
     def _agrees(self) -> bool:
         """Whether the fused probabilities match the TensorFlow evaluation on a small random image."""
-        f, size = self.net.factor, 128
+        f, size = self.net.factor, 2 * total_stride(self.net.model)
         image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
         blocks = tf.constant(to_blocks(image, f))
         core = (tf.constant([0, 0]), tf.constant([size // f] * 2))
