@@ -122,8 +122,8 @@ class TiledEngine:
         self.prefetch = prefetch
         # The space-to-depth evaluation is the same arithmetic, about twice as fast on CPU.
         self.fast = SpaceToDepthUNet.build(model) if fast else None
-        # The full-resolution tail in compiled loops over the core (gigaseg.streaming.fused):
-        # the same arithmetic again, without TensorFlow's whole-window intermediates.
+        # The full-resolution layers (first convolution, tail) in compiled loops
+        # (gigaseg.streaming.tail): the same arithmetic, without TensorFlow's whole-window intermediates.
         self.tail = Tail.find(self.fast, fused_threads) if fused and self.fast is not None else None
         window, core_mask = _WINDOW, _CORE_MASK
         if self.fast is not None:

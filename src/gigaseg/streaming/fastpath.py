@@ -367,11 +367,20 @@ def lower_strided(op, value: tf.Tensor) -> tf.Tensor:
     return op.activation(out)
 
 
-def lower_transposed(op, value: tf.Tensor, f: int, *, cropped: bool = False) -> list[_Part]:
-    """Transposed convolution with kernel = stride = f into full resolution, as one matrix product."""
+def transposed_as_product(op, f: int) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """A transposed convolution with kernel = stride = f as (in, f*f*out) weights and (f*f*out,) bias (None without one).
+
+    Output column ``(sub-pixel row * f + sub-pixel column) * out + filter``: the space-to-depth order.
+    """
     kernel = op.kernel  # (k, k, out, in)
     weights = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [kernel.shape[3], -1])
+    return weights, (tf.tile(op.bias, [f * f]) if op.use_bias else None)
+
+
+def lower_transposed(op, value: tf.Tensor, f: int, *, cropped: bool = False) -> list[_Part]:
+    """Transposed convolution with kernel = stride = f into full resolution, as one matrix product."""
+    weights, bias = transposed_as_product(op, f)
     out = _pointwise(value, weights)
-    if op.use_bias:
-        out = out + tf.tile(op.bias, [f * f])
+    if bias is not None:
+        out = out + bias
     return [_Part(op.activation(out), op.filters, False, cropped)]

@@ -19,7 +19,7 @@ import tensorflow as tf
 from keras import layers
 
 from gigaseg.losses import BCE_CLIP
-from gigaseg.streaming.fastpath import SpaceToDepthUNet, _crop, _square, from_blocks, to_blocks
+from gigaseg.streaming.fastpath import SpaceToDepthUNet, _crop, _square, from_blocks, to_blocks, transposed_as_product
 from gigaseg.streaming.fused import SUMS, FusedTail, RowSplitter
 from gigaseg.streaming.fused_conv import FusedFirstConv
 from gigaseg.streaming.geometry import total_stride
@@ -149,10 +149,10 @@ class Tail:
 
     def parameters(self) -> list[tf.Tensor]:
         """(wt, bt, wa, wi, bh) from the layers' variables, with differentiable ops."""
-        t, head, f = self.transposed, self.head, self.net.factor
-        kernel = t.kernel  # (f, f, filters, channels in)
-        wt = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [kernel.shape[3], -1])
-        bt = tf.tile(t.bias, [f * f]) if t.use_bias else tf.zeros([wt.shape[1]], wt.dtype)
+        t, head = self.transposed, self.head
+        wt, bt = transposed_as_product(t, self.net.factor)
+        if bt is None:
+            bt = tf.zeros([wt.shape[1]], wt.dtype)
         weights = head.kernel[0, 0, :, 0]
         if self.image_first:
             wi, wa = weights[:3], weights[3:]
