@@ -93,9 +93,8 @@ class TiledEngine:
     step per region).
 
     Three evaluations give the same numbers (to float32 rounding): with ``fused`` (the default,
-    for models whose first and last layers it recognises) the full-resolution layers run in
-    compiled loops (:mod:`gigaseg.streaming.tail`) and TensorFlow the rest in space-to-depth
-    layout; with ``fast`` alone TensorFlow runs all of it in that layout
+    for models whose last layers it recognises) the full-resolution tail runs in compiled
+    loops (:mod:`gigaseg.streaming.tail`) and TensorFlow the rest in space-to-depth layout; with ``fast`` alone TensorFlow runs all of it in that layout
     (:mod:`gigaseg.streaming.fastpath`); with neither, the Keras model itself. The compiled
     loops split each tile's rows over ``fused_threads`` threads (default: one per CPU).
     """
@@ -122,8 +121,8 @@ class TiledEngine:
         self.prefetch = prefetch
         # The space-to-depth evaluation is the same arithmetic, about twice as fast on CPU.
         self.fast = SpaceToDepthUNet.build(model) if fast else None
-        # The full-resolution layers (first convolution, tail) in compiled loops
-        # (gigaseg.streaming.tail): the same arithmetic, without TensorFlow's whole-window intermediates.
+        # The full-resolution tail in compiled loops over the core (gigaseg.streaming.tail):
+        # the same arithmetic, without TensorFlow's whole-window intermediates.
         self.tail = Tail.find(self.fast, fused_threads) if fused and self.fast is not None else None
         window, core_mask = _WINDOW, _CORE_MASK
         if self.fast is not None:

@@ -1,12 +1,10 @@
-"""TensorFlow side of the fused full-resolution layers (:mod:`gigaseg.streaming.fused`, :mod:`gigaseg.streaming.fused_conv`): recognising them in a model, and the per-tile graphs that call them.
+"""TensorFlow side of the fused full-resolution tail (:mod:`gigaseg.streaming.fused`): recognising it in a model, and the per-tile graphs that call it.
 
 The tail is the U-Net's last transposed convolution (kernel = stride = the first stride,
-ReLU), its concatenation with the rescaled input image and the 1x1 sigmoid head; the first
-convolution is the strided one that reads the rescaled image. TensorFlow evaluates everything
-between them (:class:`~gigaseg.streaming.fastpath.SpaceToDepthUNet`, cut to the tile core);
-the kernels do the rest. In pass 2 the tail's kernel hands back the gradients of its input and
-parameters, the gradient tape carries them down to the first convolution's output, and the
-first convolution's kernel turns that into its filter gradient.
+ReLU), its concatenation with the rescaled input image and the 1x1 sigmoid head. TensorFlow
+evaluates everything below it (:class:`~gigaseg.streaming.fastpath.SpaceToDepthUNet`, cut
+to the tile core); the kernels do the rest and hand back the gradients of the tail's input
+and parameters, which the gradient tape carries down to the variables.
 """
 
 from __future__ import annotations
@@ -21,36 +19,11 @@ from keras import layers
 from gigaseg.losses import BCE_CLIP
 from gigaseg.streaming.fastpath import SpaceToDepthUNet, _crop, _square, from_blocks, to_blocks, transposed_as_product
 from gigaseg.streaming.fused import SUMS, FusedTail, RowSplitter
-from gigaseg.streaming.fused_conv import FusedFirstConv
 from gigaseg.streaming.geometry import total_stride
 
 
 def _producer(tensor):
     return tensor._keras_history.operation
-
-
-def _consumers(model: keras.Model, tensor) -> list:
-    return [op for op in model.operations if any(t is tensor for t in op._inbound_nodes[0].input_tensors)]
-
-
-def _first_conv(model: keras.Model, rescaling: layers.Rescaling, f: int) -> "layers.Conv2D | None":
-    """The strided convolution that reads the rescaled image, if it and the tail are the image's only readers."""
-    image = rescaling._inbound_nodes[0].output_tensors[0]
-    readers = [op for op in _consumers(model, image) if not isinstance(op, layers.Concatenate)]
-    if len(readers) != 1 or len(_consumers(model, image)) != 2:
-        return None
-    (conv,) = readers
-    if not (
-        type(conv) is layers.Conv2D
-        and _square(conv.strides) == f
-        and conv.padding == "same"
-        and _square(conv.dilation_rate) == 1
-        and conv.groups == 1
-        and conv.activation is keras.activations.relu
-        and conv.use_bias
-    ):
-        return None
-    return conv
 
 
 @dataclass
@@ -63,8 +36,6 @@ class Tail:
     rescaling: layers.Rescaling
     image_first: bool  # the concatenation's order: [image, activations] or [activations, image]
     kernels: FusedTail
-    first: layers.Conv2D | None = None  # the first convolution, when its kernels run it too
-    first_kernels: FusedFirstConv | None = None
 
     @classmethod
     def find(cls, net: SpaceToDepthUNet, threads: int | None = None) -> "Tail | None":
@@ -103,16 +74,8 @@ class Tail:
             and transposed.activation is keras.activations.relu
         ):
             return None
-        rows = RowSplitter(threads)
-        tail = cls(net, transposed, head, rescaling, image_first, FusedTail(rows, clip=BCE_CLIP))
-        if not tail._agrees():
-            return None
-        first = _first_conv(model, rescaling, f)
-        if first is not None:
-            tail.first, tail.first_kernels = first, FusedFirstConv(f, _square(first.kernel_size), rows)
-            if not tail._agrees():
-                tail.first = tail.first_kernels = None
-        return tail
+        tail = cls(net, transposed, head, rescaling, image_first, FusedTail(RowSplitter(threads), clip=BCE_CLIP))
+        return tail if tail._agrees() else None
 
     def _agrees(self) -> bool:
         """Whether the fused probabilities match the TensorFlow evaluation on a small random image."""
@@ -126,24 +89,10 @@ class Tail:
 
     # ----- TensorFlow pieces ------------------------------------------------------------------
 
-    def _first_output(self, blocks: tf.Tensor) -> tf.Tensor:
-        """The first convolution's activations of the whole window, (1, rows, cols, filters), from its kernels."""
-        inputs = [blocks, self.first.kernel, self.first.bias, *self._rescale()]
-        out = tf.numpy_function(self.first_kernels.forward, inputs, tf.float32, stateful=False, name="fused_first_conv")
-        return tf.ensure_shape(out, [None, None, self.first.filters])[tf.newaxis]
-
-    def _below(self, blocks: tf.Tensor, core, first_output: tf.Tensor | None = None) -> tf.Tensor:
-        """The transposed convolution's input, cut to the core: (rows, cols, C).
-
-        With a fused first convolution, ``first_output`` is its output (computed here if not given).
-        """
-        ops = [self.transposed, self.head, _producer(self.head._inbound_nodes[0].input_tensors[0])]
-        given = None
-        if self.first is not None:
-            ops += [self.first, self.rescaling]
-            output = self._first_output(blocks) if first_output is None else first_output
-            given = {id(self.first._inbound_nodes[0].output_tensors[0]): output}
-        values = self.net._evaluate(blocks, None, frozenset(id(op) for op in ops), given)
+    def _below(self, blocks: tf.Tensor, core) -> tf.Tensor:
+        """The transposed convolution's input, cut to the core: (rows, cols, C)."""
+        ops = (self.transposed, self.head, _producer(self.head._inbound_nodes[0].input_tensors[0]))
+        values = self.net._evaluate(blocks, None, frozenset(id(op) for op in ops))
         below = values[id(self.transposed._inbound_nodes[0].input_tensors[0])]
         return _crop(below, core)[0]
 
@@ -186,11 +135,8 @@ class Tail:
 
         ``weights`` = (dL/dp of background, of tissue, BCE scale), float32 tensors.
         """
-        first_output = None if self.first is None else self._first_output(blocks)
         with tf.GradientTape() as tape:
-            if first_output is not None:
-                tape.watch(first_output)
-            below = self._below(blocks, core, first_output)
+            below = self._below(blocks, core)
             parameters = self.parameters()
         inputs = [below, self._image(blocks, core), labels, *parameters, *self._rescale(), *weights]
         outputs = tf.numpy_function(
@@ -199,18 +145,6 @@ class Tail:
         targets = [below, *parameters]
         upstream = [tf.ensure_shape(g, t.shape) if t.shape.is_fully_defined() else g for g, t in zip(outputs[:6], targets)]
         upstream[0] = tf.reshape(upstream[0], tf.shape(below))
-        sources = list(variables) + ([] if first_output is None else [first_output])
-        grads = tape.gradient(targets, sources, output_gradients=upstream)
-        if first_output is not None:
-            # The first convolution is not on the tape: its kernels give its filter gradient.
-            inputs = [blocks, first_output[0], grads.pop()[0], *self._rescale()]
-            kernel_grad, bias_grad = tf.numpy_function(
-                self.first_kernels.gradients, inputs, [tf.float32, tf.float32], stateful=False, name="fused_first_conv_gradients"
-            )
-            for n, v in enumerate(variables):
-                if v is self.first.kernel:
-                    grads[n] = tf.reshape(kernel_grad, v.shape)
-                elif v is self.first.bias:
-                    grads[n] = tf.reshape(bias_grad, v.shape)
+        grads = tape.gradient(targets, variables, output_gradients=upstream)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
         return grads, tf.ensure_shape(outputs[6], [len(SUMS)])
