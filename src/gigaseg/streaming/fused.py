@@ -130,15 +130,19 @@ def _row_sums(p, labels, i, clip, with_bce, sums):  # pragma: no cover - compile
 
 
 @numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
-def _probabilities(value, image, lo, hi, wt, bt, wa, wi, bh, scale, offset, out):  # pragma: no cover - compiled
+def _row_buffers(value, wt, wa):  # pragma: no cover - compiled
+    """Scratch space of one row for :func:`_forward_row`: ``v``, ``pre``, ``x``, ``p`` and ``e``."""
     cols = value.shape[1]
     channels, width = wt.shape
     sub = width // wa.shape[0]
-    v = np.empty((channels, cols), np.float32)
-    pre = np.empty((width, cols), np.float32)
-    x = np.empty((3 * sub, cols), np.float32)
-    p = np.empty((sub, cols), np.float32)
-    e = np.empty((sub, cols), np.int32)
+    return (np.empty((channels, cols), np.float32), np.empty((width, cols), np.float32),
+            np.empty((3 * sub, cols), np.float32), np.empty((sub, cols), np.float32), np.empty((sub, cols), np.int32))
+
+
+@numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
+def _probabilities(value, image, lo, hi, wt, bt, wa, wi, bh, scale, offset, out):  # pragma: no cover - compiled
+    cols, sub = value.shape[1], wt.shape[1] // wa.shape[0]
+    v, pre, x, p, e = _row_buffers(value, wt, wa)
     for i in range(lo, hi):
         _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, p, e)
         for c in range(cols):
@@ -148,14 +152,7 @@ def _probabilities(value, image, lo, hi, wt, bt, wa, wi, bh, scale, offset, out)
 
 @numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
 def _sums(value, image, labels, lo, hi, wt, bt, wa, wi, bh, scale, offset, clip, with_bce, out):  # pragma: no cover - compiled
-    cols = value.shape[1]
-    channels, width = wt.shape
-    sub = width // wa.shape[0]
-    v = np.empty((channels, cols), np.float32)
-    pre = np.empty((width, cols), np.float32)
-    x = np.empty((3 * sub, cols), np.float32)
-    p = np.empty((sub, cols), np.float32)
-    e = np.empty((sub, cols), np.int32)
+    v, pre, x, p, e = _row_buffers(value, wt, wa)
     for i in range(lo, hi):
         _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, p, e)
         _row_sums(p, labels, i, clip, with_bce, out[i])
@@ -171,11 +168,7 @@ def _gradients(
     channels, width = wt.shape
     filters = wa.shape[0]
     sub = width // filters
-    v = np.empty((channels, cols), np.float32)
-    pre = np.empty((width, cols), np.float32)
-    x = np.empty((3 * sub, cols), np.float32)
-    p = np.empty((sub, cols), np.float32)
-    e = np.empty((sub, cols), np.int32)
+    v, pre, x, p, e = _row_buffers(value, wt, wa)
     gz = np.empty((sub, cols), np.float32)
     gpre = np.empty(cols, np.float32)
     gv = np.empty((channels, cols), np.float32)
