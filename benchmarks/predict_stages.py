@@ -1,9 +1,10 @@
 """CPU time of each stage of whole-slide prediction, per tile window, on the cached synthetic slide; prints one JSON object.
 
 Runs the stages of ``predict_slide`` one after another in this thread for ``--windows``
-consecutive tiles of one band of level 0 (after two warm-up tiles): OpenSlide read and
-conversion to RGB (and, for comparison only, the same read through ``OpenSlide.read_region``'s
-PIL image, the way gigaseg read slides before), rearranging into blocks, the forward pass (TensorFlow's threads
+consecutive tiles of one band of level 0 (after two warm-up tiles): the slide read as
+prediction reads it (tiles decoded straight from the file, ``gigaseg.slides.tiff_tiles``), and,
+for comparison only, the same read through OpenSlide's ``read_region`` and conversion to RGB
+(the way gigaseg read slides before), rearranging into blocks, the forward pass (TensorFlow's threads
 included), back from blocks, thresholding and the outline grid, rounding to uint8, and
 deflating the 512² mask tiles as the TIFF writer does. ``time.process_time`` per stage,
 reported as CPU milliseconds per window and CPU seconds per output megapixel. The slide is
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> dict:
     from gigaseg.inference.windows import PaddedLevel
     from gigaseg.model import build_unet
     from gigaseg.slides import open_slide
-    from gigaseg.slides.openslide_reader import _read_rgb_via_pil
+    from gigaseg.slides.openslide_reader import _read_rgb
     from gigaseg.streaming import TiledEngine
     from gigaseg.streaming.fastpath import from_blocks, to_blocks
 
@@ -59,14 +60,14 @@ def run(args: argparse.Namespace) -> dict:
 
             top, left, bottom, right = tile.window
             size = (min(right, padded.width) - left, min(bottom, padded.height) - top)
-            # A second read of a window is cheaper (OpenSlide caches tiles): alternate which read comes first.
-            for read in ("via_pil", "rgb") if i % 2 else ("rgb", "via_pil"):
-                if read == "rgb":
+            # Alternate which read comes first, in case one warms the page cache for the other.
+            for read in ("openslide", "direct") if i % 2 else ("direct", "openslide"):
+                if read == "direct":
                     window = padded.read(*tile.window)
-                    lap("openslide_read_rgb")
+                    lap("read_rgb")
                 else:
-                    _read_rgb_via_pil(slide._slide, (left, top), 0, size)
-                    lap("compare_openslide_read_via_pil")
+                    _read_rgb(slide._slide, (left, top), 0, size)
+                    lap("compare_openslide_read_region")
             blocks = to_blocks(window, f)
             lap("to_blocks")
             core = engine._predict_fn(blocks, tf.constant(tile.core_offset, tf.int32), tf.constant(tile.core_shape, tf.int32))

@@ -90,7 +90,7 @@ def test_transparent_pixels_are_composited_onto_white():
             rgba[1, 1] = (10, 20, 30, 255)
             return Image.fromarray(rgba, "RGBA")
 
-    with open_slide(OS_FIXTURES / "small.svs") as slide:
+    with OpenSlideReader(OS_FIXTURES / "small.svs", direct_tiles=False) as slide:
         real = slide._slide
         slide._slide = Fake()
         try:

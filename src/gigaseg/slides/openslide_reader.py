@@ -18,6 +18,7 @@ import openslide.lowlevel
 
 from gigaseg.errors import SlideError
 from gigaseg.slides.base import SlideReader
+from gigaseg.slides.tiff_tiles import TiffTiles
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ def _float_property(props: dict, key: str) -> float | None:
 class OpenSlideReader(SlideReader):
     """A whole slide image opened with OpenSlide (``openslide-python`` + ``openslide-bin``)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, direct_tiles: bool = True) -> None:
+        """Open ``path``; ``direct_tiles=False`` reads every pixel through OpenSlide (see ``tiff_tiles``)."""
         self.path = Path(path)
         self.name = self.path.name
         if not self.path.exists():
@@ -72,6 +74,8 @@ class OpenSlideReader(SlideReader):
                 log.warning("%s: ignoring implausible resolution %.4g x %.4g um/px (not a microscope scan)",
                             self.name, mpp_x, mpp_y)
         self._power = _float_property(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+        # Tiles decoded straight from the file where that gives OpenSlide's pixels (tiff_tiles.py).
+        self._tiles = TiffTiles.open(self.path, self.vendor, self._dimensions) if direct_tiles else None
         self._closed = False
 
     @property
@@ -102,6 +106,10 @@ class OpenSlideReader(SlideReader):
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         self._check_open()
+        if self._tiles is not None:
+            pixels = self._direct(location, level, size)
+            if pixels is not None:
+                return pixels
         try:
             return _read_rgb(self._slide, location, level, size)
         except openslide.OpenSlideError as exc:
@@ -110,6 +118,27 @@ class OpenSlideReader(SlideReader):
                 f"{self.name}: cannot read the region at level-0 (x={location[0]}, y={location[1]}) of "
                 f"{size[0]}x{size[1]} (w x h) at level {level}: {exc}; the slide file is probably corrupt"
             ) from exc
+
+    def _direct(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray | None:
+        """The region decoded by ``self._tiles``, or None where OpenSlide must read it."""
+        ds = self._downsamples[level]
+        x, y = location[0] / ds, location[1] / ds
+        if not (x.is_integer() and y.is_integer()):  # OpenSlide resamples reads at fractional positions
+            return None
+        try:
+            return self._tiles.read(level, int(x), int(y), size[0], size[1], self._direct_reference(level))
+        except Exception as exc:  # noqa: BLE001 - OpenSlide reads it, and reports a corrupt tile its own way
+            log.debug("%s: direct tile read failed (%s); reading through OpenSlide", self.name, exc)
+            return None
+
+    def _direct_reference(self, level: int):
+        """OpenSlide's read of a rectangle given in pixels of ``level``: what decoded tiles are checked against."""
+        ds = self._downsamples[level]
+
+        def reference(x: int, y: int, w: int, h: int) -> np.ndarray:
+            return _read_rgb(self._slide, (round(x * ds), round(y * ds)), level, (w, h))
+
+        return reference
 
     def _reopen(self) -> None:
         """A fresh handle after a failed read: OpenSlide fails every later call on a handle that saw an error,
@@ -123,6 +152,8 @@ class OpenSlideReader(SlideReader):
 
     def close(self) -> None:
         if not self._closed:
+            if self._tiles is not None:
+                self._tiles.close()
             self._slide.close()
             self._closed = True
 

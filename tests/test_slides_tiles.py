@@ -1,0 +1,111 @@
+"""Tiles decoded straight from tiled TIFF files (``gigaseg.slides.tiff_tiles``) give OpenSlide's pixels exactly."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gigaseg.errors import SlideError
+from gigaseg.slides import OpenSlideReader, open_slide
+from gigaseg.slides.tiff_tiles import TiffTiles
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PROSTATE = FIXTURES / "prostate_he_pyramid.tiff"
+OS_FIXTURES = FIXTURES / "openslide"
+
+
+def _random_regions(slide, level, count, rng):
+    """Level-0 locations and sizes of random in-level rectangles, edges and corners included."""
+    width, height = slide.level_dimensions[level]
+    ds = slide.level_downsamples[level]
+    out = [((0, 0), (width, height)), ((round((width - 1) * ds), round((height - 1) * ds)), (1, 1))]
+    for _ in range(count):
+        w = int(rng.integers(1, min(width, 600) + 1))
+        h = int(rng.integers(1, min(height, 600) + 1))
+        x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        out.append(((round(x * ds), round(y * ds)), (w, h)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "path, direct_levels",
+    [
+        (PROSTATE, [0, 1, 2]),  # JPEG, YCbCr 4:2:0, 128x128 tiles; levels 3-5 have fractional downsamples
+        (OS_FIXTURES / "boxes.tiff", [0, 1]),  # deflate RGB, 64x64 tiles, edge tiles cut by the image
+        (OS_FIXTURES / "small.svs", [0]),  # Aperio JPEG, RGB
+    ],
+)
+def test_direct_reads_equal_openslide_reads_at_every_level(path, direct_levels):
+    rng = np.random.default_rng(0)
+    with open_slide(path) as fast, OpenSlideReader(path, direct_tiles=False) as slow:
+        assert fast._tiles is not None and slow._tiles is None
+        for level in range(fast.level_count):
+            for location, size in _random_regions(fast, level, 25, rng):
+                try:
+                    expected = slow.read_region(location, level, size)
+                except Exception:  # a rounded location past the level's edge: not a valid region
+                    continue
+                np.testing.assert_array_equal(fast.read_region(location, level, size), expected)
+        # The direct path was taken, and checked against OpenSlide, at the integer-downsample levels.
+        levels = fast._tiles._levels
+        assert [lv.checked and lv.usable for lv in levels][: max(direct_levels) + 1] == [
+            i in direct_levels for i in range(max(direct_levels) + 1)
+        ]
+
+
+def test_a_level_whose_tiles_decode_differently_is_left_to_openslide():
+    with open_slide(PROSTATE) as slide:
+        tiles = slide._tiles
+        level = tiles._levels[0]
+
+        def different(x, y, w, h):  # OpenSlide's pixels, one value changed
+            pixels = slide._direct_reference(0)(x, y, w, h)
+            pixels[0, 0, 0] ^= 1
+            return pixels
+
+        assert tiles.read(0, 0, 0, 10, 10, different) is None
+        assert level.checked and not level.usable
+        # The reader then reads that level through OpenSlide, and still gets OpenSlide's pixels.
+        with OpenSlideReader(PROSTATE, direct_tiles=False) as slow:
+            np.testing.assert_array_equal(slide.read_region((5, 7), 0, (300, 200)), slow.read_region((5, 7), 0, (300, 200)))
+        # Another level is unaffected.
+        assert tiles.read(1, 0, 0, 10, 10, slide._direct_reference(1)) is not None
+
+
+def test_files_tifffile_cannot_map_are_read_by_openslide():
+    assert TiffTiles.open(OS_FIXTURES / "boxes_0.dcm", "dicom", [(16, 16)]) is None
+    assert TiffTiles.open(PROSTATE, "hamamatsu", [(2500, 2500)]) is None  # only plain tiled-TIFF vendors
+    # No tiled page of the level's size: nothing to decode.
+    assert TiffTiles.open(PROSTATE, "generic-tiff", [(2501, 2500)]) is None
+
+
+def test_corrupt_tiles_still_raise_openslides_error():
+    with open_slide(OS_FIXTURES / "unreadable.svs") as slide:
+        assert slide._tiles is not None
+        with pytest.raises(SlideError, match="unreadable.svs"):
+            slide.read_region((0, 0), 0, (16, 16))
+
+
+def test_concurrent_reads_and_a_small_cache_give_the_same_pixels():
+    with open_slide(PROSTATE) as slide, OpenSlideReader(PROSTATE, direct_tiles=False) as slow:
+        slide._tiles.cache_limit = 3 * 128 * 128 * 3  # three tiles: constant eviction
+        rng = np.random.default_rng(1)
+        regions = _random_regions(slide, 0, 40, rng)
+        expected = [slow.read_region(loc, 0, size) for loc, size in regions]
+        failures = []
+
+        def work(order):
+            for i in order:
+                if not np.array_equal(slide.read_region(regions[i][0], 0, regions[i][1]), expected[i]):
+                    failures.append(i)
+
+        threads = [threading.Thread(target=work, args=(rng.permutation(len(regions)),)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failures == []
+        assert slide._tiles._cache_bytes <= slide._tiles.cache_limit
