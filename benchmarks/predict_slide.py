@@ -83,6 +83,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     keras.utils.set_random_seed(0)
     model = build_unet()
     options = PredictOptions(level=0, kind=args.kind, tile_size=args.tile_size, readers=args.readers,
+                             workers=args.workers,
                              jit_compile=args.jit, progress=True)
     with tempfile.TemporaryDirectory(prefix="gigaseg-bench-predict-", dir=args.out_dir) as out:
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -103,6 +104,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "tile_size": args.tile_size,
         "readers": args.readers,
+        "workers": args.workers,
         "jit": args.jit,
         "kind": args.kind,
         "tissue_fraction": round(summary["tissue_fraction"], 4),
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slide", help="predict this slide instead of a synthetic one")
     parser.add_argument("--tile-size", type=int, default=1024)
     parser.add_argument("--readers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2, help="tiles computed at once (PredictOptions.workers)")
     parser.add_argument("--kind", choices=("probability", "binary"), default="probability")
     parser.add_argument("--jit", action="store_true", help="XLA-compile the per-tile forward graph")
     parser.add_argument("--out-dir", default=None, help="where the outputs are written (and deleted); default: $TMPDIR")

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
             "cpu_s_per_core_mpx_both_passes": round((per_call["pass1_sums"] + per_call["pass2_gradients"]) / 1e3 / core_mpx, 4),
         }
         if args.profile and not profile:
-            profile = {name: _profile(call, args.repeat) for name, call in calls.items() if name != "forward_only"}
+            profile = {name: _profile(call, args.repeat) for name, call in calls.items() }
     return {"loss": args.loss, "halo": HALO, "threads": args.threads or "default", "fast_path": f is not None, "fused": engine.tail is not None,
             "tiles": sizes, **({"profile_ms": profile} if profile else {})}
 

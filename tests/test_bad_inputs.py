@@ -304,7 +304,7 @@ def test_a_tile_smaller_than_the_halo_is_refused_naming_one_that_works(model):
 
 
 @pytest.mark.parametrize("options, option", [
-    (dict(tile_size=0), "tile_size 0"), (dict(tile_size=-512), "tile_size -512"), (dict(readers=0), "readers"),
+    (dict(tile_size=0), "tile_size 0"), (dict(tile_size=-512), "tile_size -512"), (dict(readers=0), "readers"), (dict(workers=0), "workers"),
     (dict(thumbnail_size=0), "thumbnail_size"), (dict(compression_level=12), "compression_level"),
     (dict(min_area_um2=-1.0), "min_area_um2"), (dict(threshold=1.5), "threshold"),
 ])

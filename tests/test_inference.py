@@ -57,15 +57,16 @@ def assemble(blocks, height: int, width: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("level, tile_size", [(1, 256), (2, 192)])
-def test_tiled_slide_prediction_equals_the_plain_forward_pass(model, level, tile_size):
+@pytest.mark.parametrize("level, tile_size, workers", [(1, 256, 1), (1, 256, 3), (2, 192, 2)])
+def test_tiled_slide_prediction_equals_the_plain_forward_pass(model, level, tile_size, workers):
     # Prostate levels 1 and 2 are 1250 and 625 pixels wide: not multiples of the total stride 64.
     engine = TiledEngine(model, tile_size=tile_size)
     with open_slide(PROSTATE) as slide:
         width, height = slide.level_dimensions[level]
         assert width % 64 and height % 64
         reference = plain_probabilities(model, slide, level)
-        tiled = assemble(predict_level_blocks(engine, slide, level, pad_value=PAD, readers=2), height, width)
+        blocks = predict_level_blocks(engine, slide, level, pad_value=PAD, readers=2, workers=workers)
+        tiled = assemble(blocks, height, width)
     assert not np.isnan(tiled).any()
     np.testing.assert_allclose(tiled, reference, atol=1e-5)
     assert np.array_equal(tiled >= 0.5, reference >= 0.5)

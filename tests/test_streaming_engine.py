@@ -166,3 +166,36 @@ def test_a_float64_copy_of_the_model_steps_tiled_to_float64_precision(model):
     for tiled, plain in zip(result.gradients, grads):
         assert tiled.dtype == np.float64
         np.testing.assert_allclose(tiled, plain, rtol=0, atol=1e-12 * np.max(np.abs(plain)))
+
+
+def test_ordered_map_keeps_the_order_runs_concurrently_and_pulls_lazily():
+    import threading
+    import time
+
+    from gigaseg.streaming.reader import ordered_map
+
+    pulled, running, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def items():
+        for i in range(12):
+            pulled.append(i)
+            yield i
+
+    def work(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02 * (i % 3 == 0))  # some finish out of order
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    results = []
+    for value in ordered_map(work, items(), 3):
+        results.append(value)
+        # Never more than the workers' worth of items taken ahead of what was yielded.
+        assert len(pulled) <= len(results) + 3
+    assert results == [i * i for i in range(12)]
+    assert most[0] > 1
+    assert list(ordered_map(work, iter(range(4)), 1)) == [0, 1, 4, 9]

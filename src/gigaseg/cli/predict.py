@@ -106,6 +106,7 @@ def predict_options(plain: dict[str, Any], threshold: float):
             tile_size=int(plain["tile_size"]), tiff_tile_size=int(plain["tiff_tile_size"]),
             min_area_um2=float(plain["min_area_um2"]), pad_value=tuple(plain["pad_value"]),
             outline_max_mpx=float(plain["outline_max_mpx"]), readers=int(plain["readers"]),
+            workers=int(plain["workers"]),
             jit_compile=bool(plain["jit_compile"]),
             compression_level=int(plain["compression_level"]), thumbnail_size=int(plain["thumbnail_size"]),
             progress=bool(plain["progress"]),

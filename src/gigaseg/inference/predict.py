@@ -52,6 +52,7 @@ class PredictOptions:
     pad_value: tuple[int, int, int] = DEFAULT_PAD_VALUE
     outline_max_mpx: float = 16.0
     readers: int = 1
+    workers: int = 2
     jit_compile: bool = False
     compression_level: int = 1
     thumbnail_size: int = 1024
@@ -79,6 +80,8 @@ class PredictOptions:
             raise ConfigError(f"outline_max_mpx must be positive, got {self.outline_max_mpx}")
         if self.readers < 1:
             raise ConfigError(f"readers must be at least 1, got {self.readers}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if self.thumbnail_size < 1:
             raise ConfigError(f"thumbnail_size must be a positive number of pixels, got {self.thumbnail_size}")
         if not 0 <= self.compression_level <= 9:
@@ -148,6 +151,7 @@ def predict_level_blocks(
     *,
     pad_value: Sequence[int] = DEFAULT_PAD_VALUE,
     readers: int = 1,
+    workers: int = 1,
     progress: bool = False,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Float32 probabilities of a whole slide level, one tile core at a time: ``(top, left, block)``.
@@ -162,7 +166,8 @@ def predict_level_blocks(
     plan = engine.plan(padded.shape[:2])
     start = time.perf_counter()
     with tqdm(total=len(plan), unit="tile", desc=f"{slide.name} L{level}", disable=not progress) as bar:
-        for tile, core in predict_tiles(engine, plan, lambda tile: padded.read(*tile.window), readers=readers):
+        for tile, core in predict_tiles(engine, plan, lambda tile: padded.read(*tile.window),
+                                      readers=readers, workers=workers):
             top, left, bottom, right = tile.core
             h, w = min(bottom, padded.height) - top, min(right, padded.width) - left
             bar.update(1)
@@ -220,7 +225,8 @@ def predict_slide(
         def blocks() -> Iterator[tuple[int, int, np.ndarray]]:
             nonlocal tissue
             for top, left, probability in predict_level_blocks(
-                engine, slide, level, pad_value=options.pad_value, readers=options.readers, progress=options.progress
+                engine, slide, level, pad_value=options.pad_value, readers=options.readers,
+                workers=options.workers, progress=options.progress,
             ):
                 is_tissue = probability >= options.threshold
                 tissue += int(np.count_nonzero(is_tissue))

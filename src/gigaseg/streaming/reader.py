@@ -123,3 +123,22 @@ class Prefetcher:
                     pending.append((items[queued], pool.submit(self.load, items[queued])))
                     queued += 1
                 yield item, data
+
+
+def ordered_map(function: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """``function(item)`` for every item, ``workers`` at a time in threads, yielded in the items' order.
+
+    Items are pulled from ``items`` (in the caller's thread) only as workers free up, so a
+    generator is never read far ahead. With one worker it runs in the caller's thread.
+    """
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gigaseg-compute") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
