@@ -7,7 +7,9 @@ import pytest
 
 from gigaseg.model import build_unet
 from gigaseg.streaming import TiledEngine
+from gigaseg.streaming.fastpath import to_blocks
 from gigaseg.streaming.fused import FusedTail, RowSplitter, _sigmoid
+from gigaseg.streaming.fused_conv import FusedFirstConv
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def region():
 def test_fused_step_matches_the_tensorflow_tail(model, region, loss):
     image, mask = region
     fused = TiledEngine(model, loss=loss, tile_size=128)
-    assert fused.tail is not None
+    assert fused.tail is not None and fused.tail.first is not None  # pass 1 runs the first convolution fused
     plain = TiledEngine(model, loss=loss, tile_size=128, fused=False)
     assert plain.tail is None
     a, b = fused.step(image, mask), plain.step(image, mask)
@@ -73,3 +75,34 @@ def test_a_model_with_another_tail_uses_tensorflow_and_stays_exact(region):
     tiled = engine.step(image, mask)
     assert tiled.loss == pytest.approx(whole.loss, rel=1e-6)
 
+
+
+@pytest.mark.parametrize(("factor", "kernel"), [(4, 7), (4, 4), (2, 5), (4, 11)])
+def test_first_convolution_matches_tensorflow(factor, kernel):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(kernel)
+    height, width = 12 * factor, 9 * factor
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    weights = rng.standard_normal((kernel, kernel, 3, 4)).astype(np.float32) * 0.2
+    bias = rng.standard_normal(4).astype(np.float32) * 0.5
+    scale, offset = 7 / 255, -6.0
+    x = tf.cast(image[np.newaxis], tf.float32) * scale + offset
+    reference = tf.nn.relu(tf.nn.conv2d(x, weights, factor, "SAME") + bias)[0].numpy()
+    assert (reference > 0).mean() > 0.2 and (reference == 0).mean() > 0.05  # both sides of the ReLU
+    conv = FusedFirstConv(factor, kernel, RowSplitter(2))
+    out = conv.forward(to_blocks(image, factor), weights, bias, scale, offset)
+    np.testing.assert_allclose(out, reference, rtol=0, atol=2e-5)
+
+
+def test_forward_passes_run_the_first_convolution_fused_and_match_tensorflow(model):
+    image = np.random.default_rng(3).integers(0, 256, (384, 256, 3), dtype=np.uint8)
+    fused = TiledEngine(model, tile_size=128)
+    assert fused.tail.first is model.get_layer("down1")
+    unfused = TiledEngine(model, tile_size=128)
+    unfused.tail.first = unfused.tail.first_kernels = None  # TensorFlow's first convolution, the fused tail
+    plain = TiledEngine(model, tile_size=128, fused=False)
+    a, b, c = fused.predict(image), unfused.predict(image), plain.predict(image)
+    np.testing.assert_allclose(a, c, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(b, c, rtol=0, atol=1e-6)
+    assert not np.array_equal(a, b)  # the fused convolution was really used: its rounding differs

@@ -243,12 +243,16 @@ class SpaceToDepthUNet:
             raise _Unsupported
         return (result[0].value if result[0].cropped else _crop(result[0].value, core))[0]
 
-    def _evaluate(self, blocks: tf.Tensor, early, skip: frozenset = frozenset()) -> dict:
-        """The value of every tensor of the model (by id), leaving out the operations in ``skip``."""
+    def _evaluate(self, blocks: tf.Tensor, early, skip: frozenset = frozenset(), given: dict | None = None) -> dict:
+        """The value of every tensor of the model (by id), leaving out the operations in ``skip``.
+
+        ``given`` maps tensor ids to values at 1/f resolution computed elsewhere (their
+        operations must be in ``skip``).
+        """
         f = self.factor
         model = self.model
-        values: dict[int, object] = {}
-        jumps: dict[int, int] = {}
+        values: dict[int, object] = dict(given or {})
+        jumps: dict[int, int] = {key: f for key in values}
         pixels = blocks[tf.newaxis]
         values[id(model.inputs[0])] = [_Part(pixels, int(model.inputs[0].shape[-1]), True)]
         for op in self._plan:

@@ -1,10 +1,12 @@
-"""TensorFlow side of the fused full-resolution tail (:mod:`gigaseg.streaming.fused`): recognising it in a model, and the per-tile graphs that call it.
+"""TensorFlow side of the fused full-resolution layers (:mod:`gigaseg.streaming.fused`, :mod:`gigaseg.streaming.fused_conv`): recognising them in a model, and the per-tile graphs that call them.
 
 The tail is the U-Net's last transposed convolution (kernel = stride = the first stride,
 ReLU), its concatenation with the rescaled input image and the 1x1 sigmoid head. TensorFlow
 evaluates everything below it (:class:`~gigaseg.streaming.fastpath.SpaceToDepthUNet`, cut
 to the tile core); the kernels do the rest and hand back the gradients of the tail's input
-and parameters, which the gradient tape carries down to the variables.
+and parameters, which the gradient tape carries down to the variables. In forward passes
+(prediction, pass 1 sums) the first convolution, the strided one that reads the rescaled
+image, runs in compiled loops too; pass 2 leaves it to TensorFlow.
 """
 
 from __future__ import annotations
@@ -19,11 +21,36 @@ from keras import layers
 from gigaseg.losses import BCE_CLIP
 from gigaseg.streaming.fastpath import SpaceToDepthUNet, _crop, _square, from_blocks, to_blocks, transposed_as_product
 from gigaseg.streaming.fused import SUMS, FusedTail, RowSplitter
+from gigaseg.streaming.fused_conv import FusedFirstConv
 from gigaseg.streaming.geometry import total_stride
 
 
 def _producer(tensor):
     return tensor._keras_history.operation
+
+
+def _consumers(model: keras.Model, tensor) -> list:
+    return [op for op in model.operations if any(t is tensor for t in op._inbound_nodes[0].input_tensors)]
+
+
+def _first_conv(model: keras.Model, rescaling: layers.Rescaling, f: int) -> "layers.Conv2D | None":
+    """The strided convolution that reads the rescaled image, if it and the tail are the image's only readers."""
+    image = rescaling._inbound_nodes[0].output_tensors[0]
+    readers = [op for op in _consumers(model, image) if not isinstance(op, layers.Concatenate)]
+    if len(readers) != 1 or len(_consumers(model, image)) != 2:
+        return None
+    (conv,) = readers
+    if not (
+        type(conv) is layers.Conv2D
+        and _square(conv.strides) == f
+        and conv.padding == "same"
+        and _square(conv.dilation_rate) == 1
+        and conv.groups == 1
+        and conv.activation is keras.activations.relu
+        and conv.use_bias
+    ):
+        return None
+    return conv
 
 
 @dataclass
@@ -36,6 +63,8 @@ class Tail:
     rescaling: layers.Rescaling
     image_first: bool  # the concatenation's order: [image, activations] or [activations, image]
     kernels: FusedTail
+    first: layers.Conv2D | None = None  # the first convolution, when its kernel runs it in forward passes
+    first_kernels: FusedFirstConv | None = None
 
     @classmethod
     def find(cls, net: SpaceToDepthUNet, threads: int | None = None) -> "Tail | None":
@@ -74,8 +103,16 @@ class Tail:
             and transposed.activation is keras.activations.relu
         ):
             return None
-        tail = cls(net, transposed, head, rescaling, image_first, FusedTail(RowSplitter(threads), clip=BCE_CLIP))
-        return tail if tail._agrees() else None
+        rows = RowSplitter(threads)
+        tail = cls(net, transposed, head, rescaling, image_first, FusedTail(rows, clip=BCE_CLIP))
+        if not tail._agrees():
+            return None
+        first = _first_conv(model, rescaling, f)
+        if first is not None:
+            tail.first, tail.first_kernels = first, FusedFirstConv(f, _square(first.kernel_size), rows)
+            if not tail._agrees():
+                tail.first = tail.first_kernels = None
+        return tail
 
     def _agrees(self) -> bool:
         """Whether the fused probabilities match the TensorFlow evaluation on a small random image."""
@@ -89,10 +126,23 @@ class Tail:
 
     # ----- TensorFlow pieces ------------------------------------------------------------------
 
-    def _below(self, blocks: tf.Tensor, core) -> tf.Tensor:
-        """The transposed convolution's input, cut to the core: (rows, cols, C)."""
-        ops = (self.transposed, self.head, _producer(self.head._inbound_nodes[0].input_tensors[0]))
-        values = self.net._evaluate(blocks, None, frozenset(id(op) for op in ops))
+    def _first_output(self, blocks: tf.Tensor) -> tf.Tensor:
+        """The first convolution's activations of the whole window, (1, rows, cols, filters), from its kernel."""
+        inputs = [blocks, self.first.kernel, self.first.bias, *self._rescale()]
+        out = tf.numpy_function(self.first_kernels.forward, inputs, tf.float32, stateful=False, name="fused_first_conv")
+        return tf.ensure_shape(out, [None, None, self.first.filters])[tf.newaxis]
+
+    def _below(self, blocks: tf.Tensor, core, forward_only: bool = False) -> tf.Tensor:
+        """The transposed convolution's input, cut to the core: (rows, cols, C).
+
+        With ``forward_only`` (nothing is differentiated) the fused first convolution is used, if any.
+        """
+        ops = [self.transposed, self.head, _producer(self.head._inbound_nodes[0].input_tensors[0])]
+        given = None
+        if forward_only and self.first is not None:
+            ops += [self.first, self.rescaling]
+            given = {id(self.first._inbound_nodes[0].output_tensors[0]): self._first_output(blocks)}
+        values = self.net._evaluate(blocks, None, frozenset(id(op) for op in ops), given)
         below = values[id(self.transposed._inbound_nodes[0].input_tensors[0])]
         return _crop(below, core)[0]
 
@@ -119,14 +169,14 @@ class Tail:
 
     def probabilities(self, blocks: tf.Tensor, core) -> tf.Tensor:
         """(rows, cols, f*f) probabilities of the core, as ``net(blocks, core)`` gives them."""
-        inputs = [self._below(blocks, core), self._image(blocks, core), *self.parameters(), *self._rescale()]
+        inputs = [self._below(blocks, core, True), self._image(blocks, core), *self.parameters(), *self._rescale()]
         p = tf.numpy_function(self.kernels.probabilities, inputs, tf.float32, stateful=False, name="fused_tail")
         return tf.ensure_shape(p, [None, None, self.net.factor**2])
 
     def sums(self, blocks: tf.Tensor, labels: tf.Tensor, core, with_bce: bool) -> tf.Tensor:
         """The six float64 sums of the core (:data:`gigaseg.streaming.fused.SUMS`)."""
-        inputs = [self._below(blocks, core), self._image(blocks, core), labels, *self.parameters(), *self._rescale(),
-                  tf.constant(with_bce)]
+        inputs = [self._below(blocks, core, True), self._image(blocks, core), labels, *self.parameters(),
+                  *self._rescale(), tf.constant(with_bce)]
         sums = tf.numpy_function(self.kernels.sums, inputs, tf.float64, stateful=False, name="fused_tail_sums")
         return tf.ensure_shape(sums, [len(SUMS)])
 
