@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="predict a slide this many times larger in each dimension")
     parser.add_argument("--slide", help="predict this slide instead of a synthetic one")
-    parser.add_argument("--tile-size", type=int, default=1024)
+    parser.add_argument("--tile-size", type=int, default=1536)
     parser.add_argument("--readers", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="tiles computed at once (PredictOptions.workers)")
     parser.add_argument("--kind", choices=("probability", "binary"), default="probability")

@@ -46,7 +46,7 @@ class PredictOptions:
     mpp: float | None = None
     kind: str = "probability"
     threshold: float = 0.5
-    tile_size: int = 1024
+    tile_size: int = 1536
     tiff_tile_size: int = 512
     min_area_um2: float = 1000.0
     pad_value: tuple[int, int, int] = DEFAULT_PAD_VALUE
