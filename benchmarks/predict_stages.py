@@ -5,7 +5,7 @@ consecutive tiles of one band of level 0 (after two warm-up tiles): the slide re
 prediction reads it (tiles decoded straight from the file, ``gigaseg.slides.tiff_tiles``), and,
 for comparison only, the same read through OpenSlide's ``read_region`` and conversion to RGB
 (the way gigaseg read slides before), rearranging into blocks, the forward pass (TensorFlow's threads
-included), back from blocks, thresholding and the outline grid, rounding to uint8, and
+included), back from blocks, rounding to uint8 with thresholding and counting, the outline grid, and
 deflating the 512² mask tiles as the TIFF writer does. ``time.process_time`` per stage,
 reported as CPU milliseconds per window and CPU seconds per output megapixel. The slide is
 the one ``benchmarks/predict_slide.py`` generates and caches. Example:
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from gigaseg.inference.predict import DEFAULT_PAD_VALUE, OutlineGrid, PredictOptions, _mask_values
+    from gigaseg.inference.predict import DEFAULT_PAD_VALUE, OutlineGrid, PredictOptions, mask_values
     from gigaseg.inference.windows import PaddedLevel
     from gigaseg.model import build_unet
     from gigaseg.slides import open_slide
@@ -75,12 +75,10 @@ def run(args: argparse.Namespace) -> dict:
             lap("forward")
             probability = from_blocks(core, f)
             lap("from_blocks")
-            tissue = probability >= options.threshold
-            np.count_nonzero(tissue)
+            mask, tissue, _ = mask_values(probability, options.kind, options.threshold)
+            lap("round_to_uint8_threshold_count")
             grid.add(tile.core[0], tile.core[1], tissue)
-            lap("threshold_count_outline_grid")
-            mask = _mask_values(probability, options.kind, options.threshold)
-            lap("round_to_uint8")
+            lap("outline_grid")
             t = options.tiff_tile_size
             for top in range(0, mask.shape[0], t):
                 for left in range(0, mask.shape[1], t):

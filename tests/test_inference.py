@@ -264,3 +264,29 @@ def test_predict_slide_leaves_no_engine_behind(model, synthetic_slide, tmp_path)
     predict_slide(model, synthetic_slide, tmp_path / "out", PredictOptions(level=1, tile_size=512, progress=False))
     after = {id(o) for o in gc.get_objects() if isinstance(o, TiledEngine)}
     assert after <= before
+
+
+@pytest.mark.parametrize("kind", ["probability", "binary"])
+def test_mask_values_round_threshold_and_count_like_numpy(kind):
+    from gigaseg.inference.predict import mask_values
+
+    rng = np.random.default_rng(2)
+    probability = rng.random((130, 75), dtype=np.float32)
+    # Exact halves of 1/255 steps, the threshold itself and its float32 neighbours, 0, 1 and NaN.
+    threshold = 0.3
+    t32 = np.float32(threshold)
+    probability[0, :8] = [0.5 / 255, 1.5 / 255, 2.5 / 255, t32, np.nextafter(t32, 0), np.nextafter(t32, 1), 0, 1]
+    probability[1, 0] = np.nan
+    values, tissue, count = mask_values(probability, kind, threshold)
+    expected_tissue = probability >= threshold
+    if kind == "binary":
+        expected = np.where(expected_tissue, np.uint8(255), np.uint8(0))
+    else:
+        with np.errstate(invalid="ignore"):
+            expected = np.rint(np.nan_to_num(probability) * np.float32(255)).astype(np.uint8)
+    np.testing.assert_array_equal(values, expected)
+    np.testing.assert_array_equal(tissue, expected_tissue)
+    assert count == int(expected_tissue.sum()) and values.dtype == np.uint8 and tissue.dtype == np.bool_
+    # A strided (non-contiguous) core gives the same.
+    again = mask_values(probability[:, ::2], kind, threshold)
+    np.testing.assert_array_equal(again[0], values[:, ::2])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 from tqdm import tqdm
 
@@ -176,10 +177,32 @@ def predict_level_blocks(
             yield top, left, core[:h, :w]
 
 
-def _mask_values(probability: np.ndarray, kind: str, threshold: float) -> np.ndarray:
-    if kind == "binary":
-        return np.where(probability >= threshold, np.uint8(255), np.uint8(0))
-    return np.rint(probability * np.float32(255)).astype(np.uint8)
+@numba.njit(nogil=True, cache=True)
+def _quantise(probability, threshold, binary, values, tissue):  # pragma: no cover - compiled
+    count = 0
+    for i in range(probability.shape[0]):
+        for j in range(probability.shape[1]):
+            p = probability[i, j]
+            is_tissue = p >= threshold
+            tissue[i, j] = is_tissue
+            count += is_tissue
+            if binary:
+                values[i, j] = 255 if is_tissue else 0
+            elif p == p:  # NaN (a diverged model) writes 0, as numpy's cast gives it
+                values[i, j] = np.uint8(np.rint(p * np.float32(255)))
+            else:
+                values[i, j] = 0
+    return count
+
+
+def mask_values(probability: np.ndarray, kind: str, threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """The mask TIFF's uint8 values of float32 probabilities (``round(255 p)``, or 0/255 at the threshold
+    for ``kind="binary"``), the tissue mask ``p >= threshold`` and its pixel count, in one pass."""
+    probability = np.ascontiguousarray(probability, np.float32)
+    values = np.empty(probability.shape, np.uint8)
+    tissue = np.empty(probability.shape, np.bool_)
+    count = _quantise(probability, np.float32(threshold), kind == "binary", values, tissue)
+    return values, tissue, int(count)
 
 
 def predict_slide(
@@ -228,10 +251,10 @@ def predict_slide(
                 engine, slide, level, pad_value=options.pad_value, readers=options.readers,
                 workers=options.workers, progress=options.progress,
             ):
-                is_tissue = probability >= options.threshold
-                tissue += int(np.count_nonzero(is_tissue))
+                values, is_tissue, count = mask_values(probability, options.kind, options.threshold)
+                tissue += count
                 grid.add(top, left, is_tissue)
-                yield top, left, _mask_values(probability, options.kind, options.threshold)
+                yield top, left, values
 
         write_mask_tiff(
             output_dir / MASK_FILE, blocks(), width=width, height=height, kind=options.kind,
