@@ -290,3 +290,18 @@ def test_mask_values_round_threshold_and_count_like_numpy(kind):
     # A strided (non-contiguous) core gives the same.
     again = mask_values(probability[:, ::2], kind, threshold)
     np.testing.assert_array_equal(again[0], values[:, ::2])
+
+
+@pytest.mark.parametrize("factor", [1, 4, 8, 16])
+def test_block_sums_add_whole_blocks_like_numpy(factor):
+    from gigaseg.inference.tiff import block_sums
+
+    values = np.random.default_rng(factor).integers(0, 256, (70, 101), dtype=np.uint8)
+    values[:16, :16] = 255  # a saturated block: its sum needs more than 16 bits at factor 16
+    h, w = 70 // factor, 101 // factor
+    expected = values[: h * factor, : w * factor].reshape(h, factor, w, factor).astype(np.int64).sum(axis=(1, 3))
+    np.testing.assert_array_equal(block_sums(values, factor), expected)
+    strided = values[::-1, 1:]  # not contiguous
+    w2 = 100 // factor
+    expected = strided[: h * factor, : w2 * factor].reshape(h, factor, w2, factor).astype(np.int64).sum(axis=(1, 3))
+    np.testing.assert_array_equal(block_sums(strided, factor), expected)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import imagecodecs
+import numba
 import numpy as np
 import tifffile
 
@@ -36,20 +37,36 @@ _SOFTWARE = "gigaseg predict"
 Block = tuple[int, int, np.ndarray]
 
 
+@numba.njit(nogil=True, cache=True)
+def _block_sums(values, factor, out):  # pragma: no cover - compiled
+    h, w = out.shape
+    columns = np.empty(w * factor, np.uint32)
+    for i in range(h):
+        columns[:] = 0
+        for r in range(i * factor, (i + 1) * factor):
+            for x in range(w * factor):  # whole rows at once: the compiler vectorises this
+                columns[x] += values[r, x]
+        for j in range(w):
+            total = np.uint32(0)
+            for x in range(j * factor, (j + 1) * factor):
+                total += columns[x]
+            out[i, j] = total
+
+
 def block_sums(values: np.ndarray, factor: int) -> np.ndarray:
-    """Sums of the whole ``factor`` x ``factor`` blocks of a uint8 array (rows first, in small integers: several times faster)."""
-    h, w = values.shape[0] // factor, values.shape[1] // factor
-    dtype = np.uint16 if factor * factor * 255 < 2**16 else np.uint32
-    rows = values[: h * factor, : w * factor].reshape(h, factor, w * factor)
-    total = rows[:, 0].astype(dtype)
-    for i in range(1, factor):
-        total += rows[:, i]
-    return total.reshape(h, w, factor).sum(axis=2, dtype=dtype)
+    """Sums (uint32) of the whole ``factor`` x ``factor`` blocks of a uint8 array, in one compiled pass.
+
+    The numpy version (adding row slices, then reshaping) took about 5 of a 1-gigapixel
+    prediction's 45 s in the thread that writes the mask.
+    """
+    out = np.empty((values.shape[0] // factor, values.shape[1] // factor), np.uint32)
+    _block_sums(values, int(factor), out)
+    return out
 
 
 def reduce_block(block: np.ndarray, kind: str, factor: int = LEVEL_FACTOR) -> np.ndarray:
     """``factor`` x ``factor`` reduction of whole blocks: rounded mean (probability) or majority vote, ties tissue (binary)."""
-    sums = block_sums(block, factor).astype(np.uint32)
+    sums = block_sums(block, factor)
     n = factor * factor
     if kind == "binary":
         return np.where(sums * 2 >= n * 255, 255, 0).astype(np.uint8)
