@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -109,3 +110,51 @@ def test_concurrent_reads_and_a_small_cache_give_the_same_pixels():
             t.join()
         assert failures == []
         assert slide._tiles._cache_bytes <= slide._tiles.cache_limit
+
+
+def test_a_corrupt_tile_where_the_level_is_checked_spoils_only_that_tile(tmp_path):
+    import shutil
+
+    import tifffile
+
+    path = tmp_path / "prostate_corrupt_middle.tiff"
+    shutil.copy(PROSTATE, path)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        cols = -(-page.imagewidth // page.tilewidth)
+        ty, tx = (page.imagelength // 2) // page.tilelength, (page.imagewidth // 2) // page.tilewidth
+        index = ty * cols + tx  # the tile the first read of level 0 is checked on
+        offset, tile = page.dataoffsets[index], (tx * page.tilewidth, ty * page.tilelength)
+    with open(path, "r+b") as f:  # no JPEG start-of-image marker: both decoders refuse the tile
+        f.seek(offset)
+        f.write(b"\0" * 16)
+    with open_slide(path) as slide, OpenSlideReader(PROSTATE, direct_tiles=False) as good:
+        # Every other region still reads, through OpenSlide, with the right pixels.
+        for _ in range(2):
+            np.testing.assert_array_equal(slide.read_region((0, 0), 0, (300, 200)), good.read_region((0, 0), 0, (300, 200)))
+        level = slide._tiles._levels[0]
+        assert level.checked and not level.usable
+        with pytest.raises(SlideError, match="prostate_corrupt_middle.tiff"):
+            slide.read_region(tile, 0, (64, 64))
+        np.testing.assert_array_equal(slide.read_region((0, 0), 1, (300, 200)), good.read_region((0, 0), 1, (300, 200)))
+
+
+def test_a_file_truncated_under_an_open_slide_still_raises_openslides_error(tmp_path):
+    import shutil
+
+    import tifffile
+
+    path = tmp_path / "prostate_truncated.tiff"
+    shutil.copy(PROSTATE, path)
+    with tifffile.TiffFile(PROSTATE) as tif:
+        page = tif.pages[0]
+        # Cut the file in the middle of level 0's last tile (bottom right), and everything after it.
+        cut = int(page.dataoffsets[-1]) + int(page.databytecounts[-1]) // 2
+    with open_slide(path) as slide, OpenSlideReader(PROSTATE, direct_tiles=False) as good:
+        np.testing.assert_array_equal(slide.read_region((0, 0), 0, (300, 200)), good.read_region((0, 0), 0, (300, 200)))
+        assert slide._tiles._levels[0].usable
+        os.truncate(path, cut)
+        with pytest.raises(SlideError, match="prostate_truncated.tiff"):
+            slide.read_region((2500 - 100, 2500 - 100), 0, (100, 100))
+        with pytest.raises(ValueError, match="bytes in the file"):
+            slide._tiles._tile(0, slide._tiles._levels[0], len(page.dataoffsets) - 1)

@@ -136,7 +136,11 @@ class OpenSlideReader(SlideReader):
         ds = self._downsamples[level]
 
         def reference(x: int, y: int, w: int, h: int) -> np.ndarray:
-            return _read_rgb(self._slide, (round(x * ds), round(y * ds)), level, (w, h))
+            try:
+                return _read_rgb(self._slide, (round(x * ds), round(y * ds)), level, (w, h))
+            except openslide.OpenSlideError:
+                self._reopen()  # this handle now fails every call; the caller's own read must not
+                raise
 
         return reference
 

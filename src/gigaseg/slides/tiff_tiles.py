@@ -11,7 +11,15 @@ about 5. The pixels must be OpenSlide's own, so this is used only where it can b
 - on a level's first read, a tile decoded here is compared with OpenSlide's read of the same
   pixels; if they differ by a single value the level is left to OpenSlide;
 - a read touching a missing (zero-length) tile, or starting at a fractional position of a
-  level whose downsample is not an integer (where OpenSlide resamples), is left to OpenSlide.
+  level whose downsample is not an integer (where OpenSlide resamples), is left to OpenSlide,
+  as is any tile that fails to decode or lies past the end of a truncated file (OpenSlide
+  then raises its error).
+
+One difference remains: libjpeg only warns about some damage inside a JPEG tile's
+compressed data ("Corrupt JPEG data: premature end of data segment"); OpenSlide turns that
+warning into an error, imagecodecs decodes the tile with the damaged part grey. A level
+whose checked tile is damaged that way is left to OpenSlide; elsewhere such a tile is
+returned as decoded.
 
 Nothing here opens OpenSlide; :class:`gigaseg.slides.openslide_reader.OpenSlideReader` owns
 both paths. Decoded tiles are kept in a small least-recently-used cache, since tile windows
@@ -149,7 +157,10 @@ class TiffTiles:
             if tile is not None:
                 self._cache.move_to_end(key)
                 return tile
-        data = os.pread(self._fd, int(lv.counts[index]), int(lv.offsets[index]))
+        count = int(lv.counts[index])
+        data = os.pread(self._fd, count, int(lv.offsets[index]))
+        if len(data) != count:  # a truncated file: OpenSlide reports it
+            raise ValueError(f"tile {index}: {len(data)} of its {count} bytes in the file")
         decoded, _, _ = lv.decode(data, index, jpegtables=lv.tables)
         tile = decoded.reshape(decoded.shape[-3:])
         if tile.shape != (lv.tile_h, lv.tile_w, 3) or tile.dtype != np.uint8:
@@ -174,7 +185,12 @@ class TiffTiles:
         except Exception as exc:  # noqa: BLE001 - any failure leaves the level to OpenSlide
             log.debug("%s level %d: tile %d not decoded (%s)", self.path.name, level, tx, exc)
             mine = None
-        same = mine is not None and np.array_equal(mine, reference(x, y, w, h))
+        try:
+            expected = reference(x, y, w, h)
+        except Exception as exc:  # noqa: BLE001 - a corrupt tile there: nothing to compare with, so OpenSlide reads the level
+            log.debug("%s level %d: OpenSlide cannot read the tile to compare (%s)", self.path.name, level, exc)
+            expected = None
+        same = mine is not None and expected is not None and np.array_equal(mine, expected)
         lv.usable = same
         lv.checked = True
         if not same:

@@ -94,8 +94,10 @@ class TiledEngine:
 
     Three evaluations give the same numbers (to float32 rounding): with ``fused`` (the default,
     for models whose last layers it recognises) the full-resolution tail runs in compiled
-    loops (:mod:`gigaseg.streaming.tail`) and TensorFlow the rest in space-to-depth layout; with ``fast`` alone TensorFlow runs all of it in that layout
-    (:mod:`gigaseg.streaming.fastpath`); with neither, the Keras model itself. The compiled
+    loops (:mod:`gigaseg.streaming.tail`), in forward passes the first convolution too, and
+    TensorFlow the rest in space-to-depth layout; with ``fast`` alone TensorFlow runs all of
+    it in that layout (:mod:`gigaseg.streaming.fastpath`); with neither, the Keras model
+    itself. The compiled
     loops split each tile's rows over ``fused_threads`` threads (default: one per CPU).
     """
 
