@@ -97,8 +97,8 @@ class TiledEngine:
     loops (:mod:`gigaseg.streaming.tail`), in forward passes the first convolution too, and
     TensorFlow the rest in space-to-depth layout; with ``fast`` alone TensorFlow runs all of
     it in that layout (:mod:`gigaseg.streaming.fastpath`); with neither, the Keras model
-    itself. The compiled
-    loops split each tile's rows over ``fused_threads`` threads (default: one per CPU).
+    itself. The compiled loops split each tile's rows over ``fused_threads`` threads
+    (default: one per CPU).
     """
 
     def __init__(

@@ -8,9 +8,12 @@ row is the sum of ``k*k*3`` shifted plane rows times a weight, in loops over the
 the compiler vectorises. Only the real ``k x k`` taps are computed.
 
 Only forward passes use it (prediction, pass 1 of a two-pass step). A version that also
-computed the filter gradient for pass 2 was withdrawn: at 2048x2048 its steps' middle-layer
+computed the filter gradient for pass 2 was withdrawn: at 2048x2048 its steps' deepest-layer
 gradients were up to 1.1e-4 from the float64 plain step, against 6e-7 with TensorFlow's
-convolution, for a cause not found (``benchmarks/README.md``, "Tried and withdrawn").
+convolution, over the exactness tests' 1e-4. The cause is float32 rounding flipping a ReLU
+near zero in a 32x32 layer, not an error in it: TensorFlow's own convolution lands at 8.2e-4
+there when the first bias is scaled by 1 - 5e-7 (``benchmarks/README.md``, current training
+figures).
 """
 
 from __future__ import annotations
