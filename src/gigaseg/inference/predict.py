@@ -7,6 +7,7 @@ not on the slide size.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -14,6 +15,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,7 +227,8 @@ def predict_slide(
     from gigaseg.streaming import TiledEngine
 
     start = time.perf_counter()
-    engine = TiledEngine(model, tile_size=options.tile_size, jit_compile=options.jit_compile)
+    with _collections_paused():  # tracing sets off a full collection (0.5 s) otherwise
+        engine = TiledEngine(model, tile_size=options.tile_size, jit_compile=options.jit_compile)
     options.validate(engine.total_stride, engine.halo)
     output_dir = Path(output_dir)
     with write_errors(output_dir):
@@ -266,10 +269,13 @@ def predict_slide(
         # Specks are dropped by area in level-0 pixels: um^2 over level-0 mpp^2, or pixels^2 without mpp.
         base_mpp = None if slide.mpp is None else float(np.mean(slide.mpp))
         min_area = options.min_area_um2 / base_mpp**2 if base_mpp else options.min_area_um2
-        outlines = tissue_outlines(grid.mask, downsample=grid.factor * downsample, min_area=min_area)
-        write_geojson(outlines, output_dir / OUTLINES_FILE)
-        thumbnail, scale = slide_thumbnail(slide, options.thumbnail_size)
-        write_overlay(output_dir / OVERLAY_FILE, thumbnail, outlines, scale)
+        # The thumbnail is decoded (outside the GIL) while the outlines are traced.
+        with ThreadPoolExecutor(1, thread_name_prefix="gigaseg-thumbnail") as pool, _collections_paused():
+            thumbnail = pool.submit(slide_thumbnail, slide, options.thumbnail_size)
+            outlines = tissue_outlines(grid.mask, downsample=grid.factor * downsample, min_area=min_area)
+            write_geojson(outlines, output_dir / OUTLINES_FILE)
+            image, scale = thumbnail.result()
+            write_overlay(output_dir / OVERLAY_FILE, image, outlines, scale)
 
     seconds = time.perf_counter() - start
     mpx = width * height / 1e6
@@ -308,6 +314,24 @@ def predict_slide(
     engine = None  # the nested blocks() still refers to this name
     gc.collect()
     return summary
+
+
+@contextlib.contextmanager
+def _collections_paused() -> Iterator[None]:
+    """No automatic garbage collection inside.
+
+    Building the engine (tracing its graphs) and the outlines with their GeoJSON (over a
+    hundred thousand small lists for a gigapixel slide) each set off a full collection among
+    TensorFlow's half a million objects, 0.5 s each. Whatever cycles they leave,
+    ``predict_slide`` collects once at the end anyway.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def write_summary(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
