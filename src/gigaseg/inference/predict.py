@@ -228,7 +228,10 @@ def predict_slide(
 
     start = time.perf_counter()
     with _collections_paused():  # tracing sets off a full collection (0.5 s) otherwise
-        engine = TiledEngine(model, tile_size=options.tile_size, jit_compile=options.jit_compile)
+        # The workers already keep the cores busy with whole tiles: splitting each tile's
+        # compiled loops over every core as well only adds hand-offs.
+        engine = TiledEngine(model, tile_size=options.tile_size, jit_compile=options.jit_compile,
+                             fused_threads=max(1, (os.cpu_count() or 1) // options.workers))
     options.validate(engine.total_stride, engine.halo)
     output_dir = Path(output_dir)
     with write_errors(output_dir):
