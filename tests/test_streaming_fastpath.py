@@ -44,7 +44,8 @@ def test_blocks_are_tensorflows_space_to_depth_and_back():
     # Straight from a strided view of a bigger array, as windows are cut from a memory map.
     region = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     np.testing.assert_array_equal(to_blocks(region[8:32, 16:56], 4), to_blocks(np.ascontiguousarray(region[8:32, 16:56]), 4))
-    # The compiled copy against numpy's transposing one, for views at odd (unaligned) offsets and other dtypes.
+    # The compiled copy against numpy's transposing one, for read-only views at odd (unaligned) offsets and other dtypes.
+    region.setflags(write=False)
     for view, f in ((region[3:27, 5:45], 4), (region[1:33, 7:39, 0], 8), (region.astype(np.float32)[2:18, 3:35], 4)):
         h, w = view.shape[:2]
         c = view.shape[2] if view.ndim == 3 else 1

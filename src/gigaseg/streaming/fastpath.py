@@ -64,8 +64,8 @@ def _s2d_kernel_index(k: int, f: int, pad: int, cin: int, cout: int) -> tuple[np
 
 
 @numba.njit(nogil=True, cache=True)
-def _rearrange(plain, blocks, f, into_blocks):  # pragma: no cover - compiled
-    """Copy between ``plain`` (h, w*n) and ``blocks`` (h/f, w/f, f*n) in machine words (``n`` words per block row)."""
+def _into_blocks(plain, blocks, f):  # pragma: no cover - compiled
+    """``blocks`` (h/f, w/f, f*n) from ``plain`` (h, w*n), in machine words (``n`` words per block row)."""
     rows, cols = blocks.shape[0], blocks.shape[1]
     n = blocks.shape[2] // f
     for i in range(rows):
@@ -74,10 +74,21 @@ def _rearrange(plain, blocks, f, into_blocks):  # pragma: no cover - compiled
             for j in range(cols):
                 block = blocks[i, j]
                 for t in range(n):
-                    if into_blocks:
-                        block[r * n + t] = line[j * n + t]
-                    else:
-                        line[j * n + t] = block[r * n + t]
+                    block[r * n + t] = line[j * n + t]
+
+
+@numba.njit(nogil=True, cache=True)
+def _out_of_blocks(blocks, plain, f):  # pragma: no cover - compiled
+    """The inverse of :func:`_into_blocks`."""
+    rows, cols = blocks.shape[0], blocks.shape[1]
+    n = blocks.shape[2] // f
+    for i in range(rows):
+        for r in range(f):
+            line = plain[i * f + r]
+            for j in range(cols):
+                block = blocks[i, j]
+                for t in range(n):
+                    line[j * n + t] = block[r * n + t]
 
 
 def _words(plain: np.ndarray, blocks: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -108,7 +119,7 @@ def to_blocks(array: np.ndarray, f: int) -> np.ndarray:
     if words is None:
         out.reshape(h // f, w // f, f, f * c)[...] = array.reshape(h // f, f, w // f, f * c).transpose(0, 2, 1, 3)
     else:
-        _rearrange(*words, f, True)
+        _into_blocks(*words, f)
     return out
 
 
@@ -120,7 +131,8 @@ def from_blocks(blocks: np.ndarray, f: int) -> np.ndarray:
     if words is None:
         out.reshape(hb, f, wb, f)[...] = blocks.reshape(hb, wb, f, f).transpose(0, 2, 1, 3)
     else:
-        _rearrange(*words, f, False)
+        plain, blocks_words = words
+        _out_of_blocks(blocks_words, plain, f)
     return out
 
 
@@ -324,6 +336,8 @@ class SpaceToDepthUNet:
                     out = lower_transposed(op, _crop(args[0], early), f, cropped=early is not None)
                 elif _strided_same(op):
                     out = lower_strided(op, args[0])
+                elif _transposed_unmixed(op):
+                    out = lower_transposed_unmixed(op, args[0])
                 else:
                     out = op(args if len(args) > 1 else args[0])
             for t in node.output_tensors:
@@ -392,6 +406,32 @@ def _strided_same(op) -> bool:
         and _square(op.dilation_rate) == 1
         and op.groups == 1
     )
+
+
+def _transposed_unmixed(op) -> bool:
+    """A transposed convolution whose kernel equals its stride: every input pixel fills its own output block."""
+    return (
+        type(op) is layers.Conv2DTranspose
+        and _square(op.strides) == _square(op.kernel_size) > 1
+        and _square(op.dilation_rate) == 1
+        and op.output_padding is None
+        and op.data_format == "channels_last"
+    )
+
+
+def lower_transposed_unmixed(op, value: tf.Tensor) -> tf.Tensor:
+    """A transposed convolution with kernel = stride below full resolution, as one matrix product and DepthToSpace.
+
+    TensorFlow's Conv2DBackpropInput, which Keras runs for it, took most of the low-resolution
+    network's forward time (and its gradients more); with kernel = stride the output blocks
+    do not overlap, so padding 'same' and 'valid' agree.
+    """
+    s = _square(op.strides)
+    weights, bias = transposed_as_product(op, s)
+    out = _pointwise(value, weights)
+    if bias is not None:
+        out = out + bias
+    return tf.nn.depth_to_space(op.activation(out), s)
 
 
 def lower_strided(op, value: tf.Tensor) -> tf.Tensor:
