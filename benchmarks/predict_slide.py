@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slide", help="predict this slide instead of a synthetic one")
     parser.add_argument("--tile-size", type=int, default=1536)
     parser.add_argument("--readers", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=2, help="tiles computed at once (PredictOptions.workers)")
+    parser.add_argument("--workers", type=int, default=3, help="tiles computed at once (PredictOptions.workers)")
     parser.add_argument("--kind", choices=("probability", "binary"), default="probability")
     parser.add_argument("--jit", action="store_true", help="XLA-compile the per-tile forward graph")
     parser.add_argument("--out-dir", default=None, help="where the outputs are written (and deleted); default: $TMPDIR")

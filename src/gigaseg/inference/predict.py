@@ -55,7 +55,7 @@ class PredictOptions:
     pad_value: tuple[int, int, int] = DEFAULT_PAD_VALUE
     outline_max_mpx: float = 16.0
     readers: int = 1
-    workers: int = 2
+    workers: int = 3
     jit_compile: bool = False
     compression_level: int = 1
     thumbnail_size: int = 1024
