@@ -109,7 +109,7 @@ def to_blocks(array: np.ndarray, f: int) -> np.ndarray:
 
     Reading windows straight into this layout (in the prefetch thread) costs about a fifth of
     TensorFlow's SpaceToDepth on uint8 tensors. The copy moves whole block rows as machine
-    words in compiled loops: 2.7 ms for a 1664x1664 RGB window, where numpy's transposing
+    words in compiled loops: 2.4 ms for a 1664x1664 RGB window, where numpy's transposing
     copy took 7.5.
     """
     h, w = array.shape[:2]
