@@ -11,7 +11,7 @@ import pytest
 
 from gigaseg.errors import SlideError
 from gigaseg.slides import OpenSlideReader, open_slide
-from gigaseg.slides.tiff_tiles import TiffTiles
+from gigaseg.slides.tiff_tiles import TiffTiles, densest_tile
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PROSTATE = FIXTURES / "prostate_he_pyramid.tiff"
@@ -76,6 +76,66 @@ def test_a_level_whose_tiles_decode_differently_is_left_to_openslide():
         assert tiles.read(1, 0, 0, 10, 10, slide._direct_reference(1)) is not None
 
 
+def _write_pyramid_with_a_dense_corner(path: Path) -> None:
+    """A two-level deflate pyramid of 64x64 tiles (4x3 at level 0): blank glass, a smooth tile
+    at the bottom left and a noisy one, the densest, at the top right, far from the middle."""
+    import tifffile
+
+    image = np.full((192, 256, 3), 236, np.uint8)
+    image[128:, :64] = (np.arange(64, dtype=np.uint8) * 3)[:, None, None]
+    image[:64, 192:] = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, tile=(64, 64), compression="zlib", photometric="rgb")
+        # OpenSlide takes a page as a level only when marked as a reduced image.
+        tif.write(image[::2, ::2], tile=(64, 64), compression="zlib", photometric="rgb", subfiletype=1)
+
+
+def test_densest_tile_is_the_one_with_the_most_bytes_first_of_equals():
+    assert densest_tile([10, 700, 30, 700, 5]) == 1
+    assert densest_tile(np.array([3], np.int64)) == 0
+
+
+def test_a_level_is_checked_on_its_densest_tile_not_its_middle_one(tmp_path):
+    import tifffile
+
+    path = tmp_path / "dense_corner.tiff"
+    _write_pyramid_with_a_dense_corner(path)
+    with tifffile.TiffFile(path) as tif:
+        counts = list(tif.pages[0].databytecounts)
+    middle = (192 // 2 // 64) * 4 + (256 // 2 // 64)
+    assert counts.index(max(counts)) == 3 != middle  # the generated file is what this test needs
+    with open_slide(path) as slide, OpenSlideReader(path, direct_tiles=False) as slow:
+        assert slide.vendor == "generic-tiff" and slide._tiles is not None
+        asked = []
+
+        def recording(x, y, w, h):  # OpenSlide's pixels, noting which ones the check compared
+            asked.append((x, y, w, h))
+            return slide._direct_reference(0)(x, y, w, h)
+
+        pixels = slide._tiles.read(0, 0, 0, 256, 192, recording)
+        assert asked == [(192, 0, 64, 64)]  # the top-right tile: the one with the most bytes
+        assert slide._tiles._levels[0].usable
+        np.testing.assert_array_equal(pixels, slow.read_region((0, 0), 0, (256, 192)))
+
+
+def test_a_level_whose_densest_tile_decodes_differently_is_refused(tmp_path):
+    path = tmp_path / "dense_corner.tiff"
+    _write_pyramid_with_a_dense_corner(path)
+    with open_slide(path) as slide, OpenSlideReader(path, direct_tiles=False) as slow:
+        asked = []
+
+        def different(x, y, w, h):  # OpenSlide's pixels with one value changed in the last pixel
+            asked.append((x, y))
+            pixels = slide._direct_reference(0)(x, y, w, h)
+            pixels[-1, -1, 2] ^= 1
+            return pixels
+
+        assert slide._tiles.read(0, 0, 0, 10, 10, different) is None
+        assert asked == [(192, 0)] and not slide._tiles._levels[0].usable
+        np.testing.assert_array_equal(slide.read_region((0, 0), 0, (256, 192)), slow.read_region((0, 0), 0, (256, 192)))
+        assert slide._tiles.read(1, 0, 0, 10, 10, slide._direct_reference(1)) is not None  # level 1 is unaffected
+
+
 def test_files_tifffile_cannot_map_are_read_by_openslide():
     assert TiffTiles.open(OS_FIXTURES / "boxes_0.dcm", "dicom", [(16, 16)]) is None
     assert TiffTiles.open(PROSTATE, "hamamatsu", [(2500, 2500)]) is None  # only plain tiled-TIFF vendors
@@ -122,8 +182,8 @@ def test_a_corrupt_tile_where_the_level_is_checked_spoils_only_that_tile(tmp_pat
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         cols = -(-page.imagewidth // page.tilewidth)
-        ty, tx = (page.imagelength // 2) // page.tilelength, (page.imagewidth // 2) // page.tilewidth
-        index = ty * cols + tx  # the tile the first read of level 0 is checked on
+        index = densest_tile(page.databytecounts)  # the tile the first read of level 0 is checked on
+        ty, tx = divmod(index, cols)
         offset, tile = page.dataoffsets[index], (tx * page.tilewidth, ty * page.tilelength)
     with open(path, "r+b") as f:  # no JPEG start-of-image marker: both decoders refuse the tile
         f.seek(offset)

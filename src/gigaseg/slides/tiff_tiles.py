@@ -8,8 +8,9 @@ prediction then; decoding the same tiles with tifffile and imagecodecs (libjpeg-
 - the slide is one OpenSlide reads as ``generic-tiff`` or ``aperio``, whose levels are the
   file's tiled pages, and a level's page is the only tiled page of its size;
 - the page is 8-bit RGB or YCbCr, contiguous, with a compression tifffile decodes;
-- on a level's first read, a tile decoded here is compared with OpenSlide's read of the same
-  pixels; if they differ by a single value the level is left to OpenSlide;
+- on a level's first read, its densest tile (the most compressed bytes) decoded here is
+  compared with OpenSlide's read of the same pixels; if they differ by a single value the
+  level is left to OpenSlide;
 - a read touching a missing (zero-length) tile, or starting at a fractional position of a
   level whose downsample is not an integer (where OpenSlide resamples), is left to OpenSlide,
   as is any tile that fails to decode or lies past the end of a truncated file (OpenSlide
@@ -175,15 +176,15 @@ class TiffTiles:
         return tile
 
     def _check(self, level: int, lv: _Level, reference: Callable[[int, int, int, int], np.ndarray]) -> None:
-        """Compare the level's middle tile, decoded here, with OpenSlide's pixels; keep the level only if equal."""
-        ty, tx = (lv.height // 2) // lv.tile_h, (lv.width // 2) // lv.tile_w
+        """Compare the level's densest tile, decoded here, with OpenSlide's pixels; keep the level only if equal."""
+        index = densest_tile(lv.counts)
+        ty, tx = divmod(index, lv.cols)
         x, y = tx * lv.tile_w, ty * lv.tile_h
         w, h = min(lv.tile_w, lv.width - x), min(lv.tile_h, lv.height - y)
         try:
-            index = ty * lv.cols + tx
             mine = self._tile(level, lv, index)[:h, :w] if lv.counts[index] else None
         except Exception as exc:  # noqa: BLE001 - any failure leaves the level to OpenSlide
-            log.debug("%s level %d: tile %d not decoded (%s)", self.path.name, level, ty * lv.cols + tx, exc)
+            log.debug("%s level %d: tile %d not decoded (%s)", self.path.name, level, index, exc)
             mine = None
         try:
             expected = reference(x, y, w, h)
@@ -194,4 +195,15 @@ class TiffTiles:
         lv.usable = same
         lv.checked = True
         if not same:
-            log.debug("%s level %d: decoded tiles differ from OpenSlide's; reading through OpenSlide", self.path.name, level)
+            log.debug("%s level %d: decoded tile %d differs from OpenSlide's; reading through OpenSlide",
+                      self.path.name, level, index)
+
+
+def densest_tile(byte_counts) -> int:
+    """Index of the tile with the most compressed bytes (the first of equals): the one a level is checked on.
+
+    A level's middle tile is often blank glass, which decodes the same whatever the decoder
+    gets wrong about colour conversion, subsampling or tables; the tile that compresses
+    worst holds the most detail, so a disagreement shows there first.
+    """
+    return int(np.argmax(np.asarray(byte_counts)))
