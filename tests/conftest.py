@@ -46,14 +46,14 @@ def model():
 def compose():
     """Compose ``conf/config.yaml`` with overrides, as the entry points do."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    import gigaseg.cli.common  # noqa: F401  (registers the project-root resolver)
+    import gigaseg.cli.common  # noqa: F401  (registers the resolvers and the schemas)
 
     def _compose(overrides=(), return_hydra_config=False):
         GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        with initialize_config_module(config_module="gigaseg.conf", version_base="1.3"):
             return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
     yield _compose

@@ -50,7 +50,7 @@ def masks(tmp_path):
 
 def test_run_from_the_composed_config(tmp_path, masks, monkeypatch):
     """The app's body in process, on the real composed config (no MLflow): both files written."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     from gigaseg.cli.evaluate import run
@@ -59,7 +59,7 @@ def test_run_from_the_composed_config(tmp_path, masks, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        with initialize_config_module(config_module="gigaseg.conf", version_base="1.3"):
             cfg = compose("evaluate", overrides=[
                 f"prediction={pred}", f"reference={ref_path}", f"output_dir={tmp_path}/eval", "log_mlflow=false",
                 "threshold=0.7",

@@ -156,7 +156,7 @@ def test_slides_expand_into_a_multirun_over_slide(tmp_path):
 
 
 def test_predict_config_composes_with_the_shared_paths_and_mlflow():
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
@@ -164,7 +164,7 @@ def test_predict_config_composes_with_the_shared_paths_and_mlflow():
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        with initialize_config_module(config_module="gigaseg.conf", version_base="1.3"):
             cfg = compose("predict", overrides=["model_uri=m", "slide=/data/a b.svs", "kind=binary"],
                           return_hydra_config=True)
         assert cfg.kind == "binary" and cfg.tile_size % 512 == 0 and cfg.threshold is None

@@ -179,11 +179,17 @@ def _configure_coordination(cluster: Cluster, heartbeat_timeout_s: float, startu
 class DistributedConfig:
     """The ``distributed`` config group."""
 
+    #: none | multiworker | mirrored
     kind: str = "none"
+    #: The cluster when TF_CONFIG is not set: every worker's host:port, and which one this is (0 = chief).
     workers: list[str] | None = None
     task_index: int | None = None
+    #: >0: start that many workers on 127.0.0.1 from this one command (a single-machine check).
     local_workers: int = 0
+    #: A worker silent this long is declared lost; the others stop with an error naming it
+    #: (after at most the current pass over their tiles).
     heartbeat_timeout_s: float = 10.0
+    #: How long workers wait for the whole cluster to come up.
     startup_timeout_s: float = 300.0
 
     def validate(self) -> None:

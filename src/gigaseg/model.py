@@ -12,6 +12,7 @@ import keras
 from keras import layers
 
 from gigaseg.errors import ConfigError
+from gigaseg.options import UNetLayout
 
 
 def _as_tuple(name: str, values: Sequence[int] | int, depth: int) -> tuple[int, ...]:
@@ -26,13 +27,13 @@ def _as_tuple(name: str, values: Sequence[int] | int, depth: int) -> tuple[int, 
 
 
 def build_unet(
-    filters: Sequence[int] = (4, 4, 4),
-    kernels: Sequence[int] | int = (7, 9, 9),
-    strides: Sequence[int] | int = (4, 4, 4),
-    decoder_filters: Sequence[int] | int | None = None,
-    activation: str = "relu",
-    input_range: Sequence[float] = (-6.0, 1.0),
-    name: str = "gigaunet",
+    filters: Sequence[int] = UNetLayout.filters,
+    kernels: Sequence[int] | int = UNetLayout.kernels,
+    strides: Sequence[int] | int = UNetLayout.strides,
+    decoder_filters: Sequence[int] | int | None = UNetLayout.decoder_filters,
+    activation: str = UNetLayout.activation,
+    input_range: Sequence[float] = UNetLayout.input_range,
+    name: str = UNetLayout.name,
 ) -> keras.Model:
     """Build the U-Net as a Keras Functional model on RGB uint8 input of any size.
 
@@ -41,10 +42,8 @@ def build_unet(
     with the encoder feature of the same scale, the last with the input image itself.
     A 1x1 convolution with sigmoid gives the per-pixel tissue probability. Input height
     and width must be multiples of the total stride (the product of ``strides``).
-    ``input_range`` is the interval uint8 pixels are rescaled to inside the model. The default,
-    [-6, 1], puts white glass near 0.6 and spreads tissue colours over several units: on the
-    demo regions it trained clearly faster than [-1, 1] (which in turn beat [0, 1], where
-    soft-Dice training drifted to predicting tissue everywhere). See the README.
+    ``input_range`` is the interval uint8 pixels are rescaled to inside the model. The defaults
+    are ``gigaseg.options.UNetLayout``'s (the study's layout, and why its input range).
     """
     filters = tuple(int(f) for f in filters)
     depth = len(filters)

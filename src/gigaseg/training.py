@@ -20,13 +20,10 @@ from gigaseg import sysinfo
 from gigaseg.checkpoint import LAST, load_checkpoint, restore, save_checkpoint
 from gigaseg.errors import ConfigError, GigasegError, MemoryPlanError
 from gigaseg.evaluation import count
-from gigaseg.losses import LOSSES
+from gigaseg.options import TrainConfig
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-SCHEDULES = ("constant", "cosine")
-TILING = ("auto", "always", "never")
 
 
 class TrainingDivergedError(GigasegError):
@@ -39,56 +36,6 @@ class RunLogger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
-
-
-@dataclass
-class TrainConfig:
-    """The knobs of a training run (the ``train`` config group)."""
-
-    steps: int = 30
-    lr: float = 0.01
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    optimizer: str = "adam"
-    loss: str = "dice_bce"
-    seed: int = 0
-    val_every: int = 10
-    threshold: float = 0.5
-    checkpoint_every: int = 10
-    tiled: str = "auto"
-    tile_size: int | None = None
-    memory_budget_mb: float | None = None
-    memory_fraction: float = 0.6
-    progress: bool = True
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first invalid option."""
-        if self.steps <= 0:
-            raise ConfigError(f"train.steps must be positive, got {self.steps}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
-        if self.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"train.lr_schedule '{self.lr_schedule}' is unknown; choose one of {', '.join(SCHEDULES)}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"train.warmup_steps must be 0 or more, got {self.warmup_steps}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"train.optimizer '{self.optimizer}' is unknown; choose one of {', '.join(OPTIMIZERS)}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"train.loss '{self.loss}' is unknown; choose one of {', '.join(LOSSES)}")
-        if self.val_every <= 0:
-            raise ConfigError(f"train.val_every must be positive, got {self.val_every}")
-        if self.checkpoint_every <= 0:
-            raise ConfigError(f"train.checkpoint_every must be positive, got {self.checkpoint_every}")
-        if not 0.0 < self.threshold < 1.0:
-            raise ConfigError(f"train.threshold must lie strictly between 0 and 1, got {self.threshold}")
-        if self.tiled not in TILING:
-            raise ConfigError(f"train.tiled '{self.tiled}' is unknown; choose one of {', '.join(TILING)}")
-        if self.tile_size is not None and self.tile_size <= 0:
-            raise ConfigError(f"train.tile_size must be positive, got {self.tile_size}")
-        if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
-            raise ConfigError(f"train.memory_budget_mb must be positive, got {self.memory_budget_mb}")
-        if not 0.0 < self.memory_fraction <= 1.0:
-            raise ConfigError(f"train.memory_fraction must lie in (0, 1], got {self.memory_fraction}")
 
 
 @dataclass

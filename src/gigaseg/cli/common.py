@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -11,22 +12,33 @@ from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
+import gigaseg.cli.schema  # noqa: F401  (registers the configs' schemas before Hydra composes)
 from gigaseg.errors import GigasegError
 
 log = logging.getLogger("gigaseg")
 
 
+#: Hydra's search path entry of the configs: the ``conf/`` folder, installed as ``gigaseg.conf``
+#: (an editable install maps it to the checkout's ``conf/``). ``--config-dir`` adds a user's own.
+CONFIG_PATH = "pkg://gigaseg.conf"
+#: The file whose folder marks a gigaseg checkout or project (DVC's record of its data).
+PROJECT_MARKER = "data.dvc"
+
+
 def project_root() -> Path:
-    """The folder holding ``conf/``: ``GIGASEG_ROOT`` if set, else this checkout."""
+    """Where outputs, data and the default MLflow store go.
+
+    ``GIGASEG_ROOT`` if set, else the nearest folder at or above the working folder that holds
+    ``data.dvc`` (a checkout), else the working folder; never the installed package.
+    """
     env = os.environ.get("GIGASEG_ROOT")
     if env:
-        return Path(env).resolve()
-    return Path(__file__).resolve().parents[3]
-
-
-def config_dir() -> str:
-    """Absolute path of the Hydra config folder."""
-    return str(project_root() / "conf")
+        return Path(env).expanduser().resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / PROJECT_MARKER).is_file():
+            return folder
+    return here
 
 
 def artifacts_beside_store(tracking_uri: str) -> str | None:
@@ -53,6 +65,43 @@ def to_plain(cfg: Any) -> Any:
     return cfg
 
 
+#: How a type check names what it expected, by OmegaConf's word for the type.
+_EXPECTED = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+
+
+def typed_message(exc: BaseException) -> str | None:
+    """A wrong type or an unknown key in one line naming the key, the value and what is expected; None for other errors."""
+    import re
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause = exc if isinstance(exc, (ValidationError, ConfigKeyError, ConfigAttributeError)) else exc.__cause__
+    key = getattr(cause, "full_key", None)
+    if not key:
+        return None
+    if isinstance(cause, ValidationError):
+        words = str(getattr(cause, "msg", cause)).splitlines()[0]
+        converted = re.search(r"could not be converted to (\w+)|is not a valid (\w+)", words)
+        if converted:
+            word = converted.group(1) or converted.group(2).capitalize()
+            expected = _EXPECTED.get(word, _EXPECTED.get(word.replace("Bool", "Boolean"), word.lower()))
+        elif "is not a ListConfig, list or tuple" in words:
+            expected = "a list, e.g. [a, b]"
+        elif "Non optional field cannot be assigned None" in words:
+            expected = "a value (it cannot be null)"
+        else:  # e.g. a mapping with a key its schema lacks: OmegaConf's own words say more
+            return None
+        return f"{key}={getattr(cause, 'value', '')!s}: expected {expected}; fix the value in the override or config file"
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        owner = getattr(cause, "object_type", None)
+        parent = key.rpartition(".")[0]
+        if dataclasses.is_dataclass(owner):
+            options = ", ".join(f.name for f in dataclasses.fields(owner))
+            return f"{key} is not an option{f' of {parent}' if parent else ''}; the options are: {options}"
+        return f"{key} is not an option; check its spelling against the config files"
+    return None
+
+
 def hydra_message(exc: BaseException) -> str:
     """A Hydra or OmegaConf error (unknown group option, bad override, ...) in one line.
 
@@ -60,6 +109,10 @@ def hydra_message(exc: BaseException) -> str:
     config search path); here they are joined, and the search path is left out.
     """
     from omegaconf.errors import OmegaConfBaseException
+
+    typed = typed_message(exc)
+    if typed:
+        return typed
 
     def lines(text: str) -> list[str]:
         kept = []
@@ -83,6 +136,31 @@ def hydra_message(exc: BaseException) -> str:
     if isinstance(cause, OmegaConfBaseException):
         parts.extend(line.rstrip(".") for line in lines(str(cause)))
     return "; ".join(parts) or type(exc).__name__
+
+
+def start(cfg: DictConfig, schema: type) -> None:
+    """What every ``@hydra.main`` function does first: check the config, quiet TensorFlow unless ``verbose``.
+
+    Hydra types the config while composing it, but ``+key=value`` adds keys past the
+    schema; merging into the schema refuses those too (an OmegaConf error, one line in ``run_hydra``).
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    body = OmegaConf.to_container(cfg, resolve=False)
+    body.pop("hydra", None)
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), body)
+    except OmegaConfBaseException as exc:
+        # Exiting here, not raising: Hydra would first print the failed job's overrides.
+        log.debug("config error", exc_info=True)
+        print(f"error: {hydra_message(exc)}", file=sys.stderr)
+        sys.exit(2)
+    if cfg.get("verbose"):
+        logging.getLogger("gigaseg").setLevel(logging.DEBUG)
+    else:
+        # TensorFlow's C++ start-up lines (oneDNN, CUDA, CPU features) are INFO and WARNING;
+        # read when it loads, so this must come before the first import of TensorFlow.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def run_hydra(hydra_main: Callable[[], Any]) -> Any:

@@ -13,7 +13,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from gigaseg.cli.common import config_dir, run_hydra, to_plain, user_errors
+from gigaseg.cli.common import CONFIG_PATH, run_hydra, start, to_plain, user_errors
+from gigaseg.cli.schema import EvaluateAppSchema
 from gigaseg.errors import ConfigError, MaskError
 
 log = logging.getLogger("gigaseg.evaluate")
@@ -122,8 +123,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
 def _hydra_main(cfg: DictConfig) -> None:
+    start(cfg, EvaluateAppSchema)
     with user_errors():
         run(cfg)
 

@@ -20,7 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gigaseg.cli.common import config_dir, run_hydra, to_plain, user_errors
+from gigaseg.cli.common import CONFIG_PATH, run_hydra, start, to_plain, user_errors
+from gigaseg.cli.schema import PredictAppSchema
 from gigaseg.errors import ConfigError
 
 log = logging.getLogger("gigaseg.predict")
@@ -184,8 +185,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
 def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    start(cfg, PredictAppSchema)
     with user_errors():
         summary = run(cfg)
         log.info("wrote %s: tissue %.1f %%, %d piece(s), %.1f s", summary["output_dir"],

@@ -10,7 +10,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from gigaseg.cli.common import config_dir, run_hydra, to_plain, user_errors
+from gigaseg.cli.common import CONFIG_PATH, run_hydra, start, to_plain, user_errors
+from gigaseg.cli.schema import TrainAppSchema
 from gigaseg.errors import ConfigError
 
 log = logging.getLogger("gigaseg.prepare")
@@ -58,8 +59,9 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     return prepare_dataset(spec, total_stride=stride, progress=True)
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    start(cfg, TrainAppSchema)
     with user_errors():
         manifests = run(cfg)
         for name, manifest in manifests.items():

@@ -15,8 +15,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gigaseg.cli.common import config_dir, run_hydra, to_plain, user_errors
+from gigaseg.cli.common import CONFIG_PATH, run_hydra, start, to_plain, user_errors
 from gigaseg.cli.workers import LAUNCHED, SWEEP_JOB
+from gigaseg.cli.schema import TrainAppSchema
 from gigaseg.errors import ConfigError
 
 log = logging.getLogger("gigaseg.train")
@@ -287,8 +288,9 @@ def launch_workers(distributed, overrides: list[str], output_dir: Path) -> float
     return metrics.get("final_val_dice")
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    start(cfg, TrainAppSchema)
     with user_errors():
         return run(cfg)
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gigaseg.errors import RegionError
+from gigaseg.options import DEFAULT_PAD_VALUE
 from gigaseg.slides.base import SlideReader
 
 log = logging.getLogger(__name__)
 
 FitMode = Literal["pad", "crop", "none"]
 FIT_MODES = ("pad", "crop", "none")
-DEFAULT_PAD_VALUE = (242, 242, 242)
 
 
 @dataclass(frozen=True)

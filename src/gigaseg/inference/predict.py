@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,13 @@ import numpy as np
 from tqdm import tqdm
 
 from gigaseg.atomic import atomic_path, write_errors
-from gigaseg.errors import ConfigError, RegionError
+from gigaseg.errors import RegionError
 from gigaseg.inference.overlay import slide_thumbnail, write_overlay
-from gigaseg.inference.tiff import KINDS, TIFF_TILE_SIZES, block_sums, write_mask_tiff
-from gigaseg.inference.windows import DEFAULT_PAD_VALUE, PaddedLevel
+from gigaseg.inference.tiff import block_sums, write_mask_tiff
+from gigaseg.inference.windows import PaddedLevel
+from gigaseg.options import DEFAULT_PAD_VALUE, PredictOptions
 from gigaseg.slides import open_slide
 from gigaseg.slides.base import SlideReader
-from gigaseg.streaming.plan import tile_below_halo
 
 log = logging.getLogger(__name__)
 
@@ -39,56 +38,6 @@ MASK_FILE = "mask.tiff"
 OUTLINES_FILE = "outlines.geojson"
 OVERLAY_FILE = "overlay.png"
 SUMMARY_FILE = "summary.json"
-
-
-@dataclass(frozen=True)
-class PredictOptions:
-    """How to predict and what to write (the ``gigaseg-predict`` options, minus model and slide)."""
-
-    level: int | None = None
-    mpp: float | None = None
-    kind: str = "probability"
-    threshold: float = 0.5
-    tile_size: int = 1536
-    tiff_tile_size: int = 512
-    min_area_um2: float = 1000.0
-    pad_value: tuple[int, int, int] = DEFAULT_PAD_VALUE
-    outline_max_mpx: float = 16.0
-    readers: int = 1
-    workers: int = 3
-    jit_compile: bool = False
-    compression_level: int = 1
-    thumbnail_size: int = 1024
-    progress: bool = True
-
-    def validate(self, total_stride: int, halo: int | None = None) -> None:
-        """Raise ConfigError naming the first invalid option (``halo``: the model's, when known)."""
-        if self.kind not in KINDS:
-            raise ConfigError(f"kind '{self.kind}' is unknown; choose one of {', '.join(KINDS)}")
-        if not 0.0 < self.threshold < 1.0:
-            raise ConfigError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
-        if self.tiff_tile_size not in TIFF_TILE_SIZES:
-            raise ConfigError(f"tiff_tile_size must be one of {TIFF_TILE_SIZES}, got {self.tiff_tile_size}")
-        unit = math.lcm(total_stride, self.tiff_tile_size)
-        if self.tile_size <= 0 or self.tile_size % unit:
-            raise ConfigError(
-                f"tile_size {self.tile_size} must be a positive multiple of {unit} (the model's total stride "
-                f"{total_stride} and the TIFF tile {self.tiff_tile_size}), e.g. {max(unit, self.tile_size // unit * unit)}"
-            )
-        if halo is not None and self.tile_size < halo:
-            raise tile_below_halo(str(self.tile_size), halo, unit)
-        if self.min_area_um2 < 0:
-            raise ConfigError(f"min_area_um2 must be zero or positive, got {self.min_area_um2}")
-        if self.outline_max_mpx <= 0:
-            raise ConfigError(f"outline_max_mpx must be positive, got {self.outline_max_mpx}")
-        if self.readers < 1:
-            raise ConfigError(f"readers must be at least 1, got {self.readers}")
-        if self.workers < 1:
-            raise ConfigError(f"workers must be at least 1, got {self.workers}")
-        if self.thumbnail_size < 1:
-            raise ConfigError(f"thumbnail_size must be a positive number of pixels, got {self.thumbnail_size}")
-        if not 0 <= self.compression_level <= 9:
-            raise ConfigError(f"compression_level must lie in 0..9 (deflate), got {self.compression_level}")
 
 
 def choose_level(

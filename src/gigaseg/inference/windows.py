@@ -12,10 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from gigaseg.errors import RegionError
+from gigaseg.options import DEFAULT_PAD_VALUE
 from gigaseg.slides.base import SlideReader
 
 #: The background colour training regions are padded with (``data.pad_value``).
-DEFAULT_PAD_VALUE = (242, 242, 242)
 
 
 def check_pad_value(pad_value: Sequence[int]) -> tuple[int, int, int]:

@@ -1,0 +1,1 @@
+"""Hydra's config folder, installed as the package ``gigaseg.conf`` (found as ``pkg://gigaseg.conf``)."""

@@ -1,0 +1,183 @@
+"""The typed schemas of every command's config, registered with Hydra's ConfigStore.
+
+The option dataclasses of the library (``gigaseg.options``, ``RegionRequest``,
+``SyntheticRecipe``, ``DistributedConfig``) carry the types and the defaults; here they are
+assembled into one schema per command. The YAML files under ``conf/`` only choose values, so
+a value of the wrong type or an unknown key is refused while Hydra composes the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from gigaseg.dataset import DatasetSpec, RegionRequest, SyntheticRecipe
+from gigaseg.distributed import DistributedConfig
+from gigaseg.options import DEFAULT_PAD_VALUE, PredictOptions, TrainConfig, UNetLayout
+
+#: The root config names of the commands' schemas (the first entry of their defaults lists).
+TRAIN_SCHEMA = "train_schema"
+PREDICT_SCHEMA = "predict_schema"
+EVALUATE_SCHEMA = "evaluate_schema"
+
+
+def mirror(cls: type, name: str, *, drop: tuple[str, ...] = (), replace: dict[str, tuple[Any, Any]] | None = None) -> type:
+    """A mutable dataclass with ``cls``'s fields, types and defaults (minus ``drop``, with ``replace``'s (type, default)).
+
+    OmegaConf makes a frozen dataclass read-only, and Hydra merges the YAML files and the
+    command line into the schema, so frozen option classes are mirrored instead of reused.
+    """
+    hints = typing.get_type_hints(cls)
+    replace = replace or {}
+    specs = []
+    for f in dataclasses.fields(cls):
+        if f.name in drop:
+            continue
+        kind, default = replace.get(f.name, (hints[f.name], f.default))
+        if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+            specs.append((f.name, kind, field(default_factory=f.default_factory)))
+        else:
+            specs.append((f.name, kind, field(default=MISSING if default is dataclasses.MISSING else default)))
+    made = dataclasses.make_dataclass(name, specs)
+    made.__module__ = __name__
+    return made
+
+
+RegionSchema = mirror(RegionRequest, "RegionSchema", drop=("name",))
+SyntheticSchema = mirror(SyntheticRecipe, "SyntheticSchema")
+
+
+@dataclass
+class PathsSchema:
+    #: The project root: GIGASEG_ROOT, else the checkout above the working folder, else the working folder.
+    root: str = "${gigaseg_project_root:}"
+    data_dir: str = "${paths.root}/data"
+
+
+@dataclass
+class MlflowSchema:
+    #: Local SQLite store by default; set MLFLOW_TRACKING_URI to use a server instead.
+    tracking_uri: str = "${oc.env:MLFLOW_TRACKING_URI,sqlite:///${paths.root}/mlflow.db}"
+    experiment_name: str = "gigaseg"
+    #: Artifacts of new experiments on a local SQLite store go to mlartifacts/ beside the
+    #: database file (None for tracking servers, which choose their own).
+    artifact_location: Optional[str] = "${gigaseg_artifacts_beside:${mlflow.tracking_uri}}"
+    run_name: Optional[str] = None
+    #: MLflow's own CPU/memory sampling, logged as system/* metrics.
+    log_system_metrics: bool = True
+
+
+@dataclass
+class SlideSchema:
+    #: Any slide OpenSlide opens.
+    path: str = MISSING
+    #: Generate the slide from this recipe when it is missing; None for a real slide.
+    synthetic: Optional[SyntheticSchema] = None  # type: ignore[valid-type]
+
+
+@dataclass
+class MaskSchema:
+    #: synthetic (the generator's truth) | geojson (QuPath export) | image | bootstrap (Otsu)
+    source: str = DatasetSpec.mask_source
+    path: Optional[str] = None
+    #: GeoJSON classes counted as tissue; None: every annotation.
+    classes: Optional[list[str]] = None
+
+
+@dataclass
+class DataSchema:
+    name: str = MISSING
+    dir: str = "${paths.data_dir}/${data.name}"
+    slide: SlideSchema = field(default_factory=SlideSchema)
+    mask: MaskSchema = field(default_factory=MaskSchema)
+    #: Regions must be multiples of the model's total stride: pad (with pad_value) or crop.
+    fit: str = DatasetSpec.fit
+    pad_value: tuple[int, ...] = DEFAULT_PAD_VALUE
+    #: Cap region sizes (height, width); debug=smoke sets it.
+    max_region: Optional[tuple[int, ...]] = None
+    regions: dict[str, RegionSchema] = field(default_factory=dict)  # type: ignore[valid-type]
+
+
+@dataclass
+class TrainSchema(TrainConfig):
+    #: An MLflow run id to continue from its last checkpoint, or auto (the newest unfinished run of this config).
+    resume: Optional[str] = None
+    log_model: bool = True
+
+
+@dataclass
+class CommonSchema:
+    paths: PathsSchema = field(default_factory=PathsSchema)
+    mlflow: MlflowSchema = field(default_factory=MlflowSchema)
+    #: Show TensorFlow's start-up lines and debug logging.
+    verbose: bool = False
+
+
+@dataclass
+class TrainAppSchema(CommonSchema):
+    """gigaseg-prepare and gigaseg-train."""
+
+    model: UNetLayout = field(default_factory=UNetLayout)
+    data: DataSchema = field(default_factory=DataSchema)
+    train: TrainSchema = field(default_factory=TrainSchema)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+_PredictOptionsSchema = mirror(
+    PredictOptions, "PredictOptionsSchema",
+    # None: the threshold recorded with the model.
+    replace={"threshold": (Optional[float], None)},
+)
+
+
+@dataclass
+class PredictAppSchema(CommonSchema, _PredictOptionsSchema):  # type: ignore[misc, valid-type]
+    """gigaseg-predict."""
+
+    #: runs:/<run id>/model, models:/<name>/<version or @alias>, an MLflow model folder or a .keras file.
+    model_uri: str = MISSING
+    #: Any slide OpenSlide opens.
+    slide: str = MISSING
+    #: Where mask.tiff, outlines.geojson, overlay.png and summary.json go; None: the Hydra run folder.
+    output_dir: Optional[str] = None
+    #: Log a predict run to MLflow (params, metrics, summary, outlines, overlay); the mask TIFF too with log_mask.
+    log_mlflow: bool = True
+    log_mask: bool = False
+
+
+@dataclass
+class EvaluateAppSchema(CommonSchema):
+    """gigaseg-evaluate."""
+
+    mlflow: MlflowSchema = field(default_factory=lambda: MlflowSchema(log_system_metrics=False))
+    #: The predicted mask: the TIFF gigaseg-predict writes (or its folder), or any 0/1 or 0/255 mask image.
+    prediction: Optional[str] = None
+    #: The reference: a mask image, a QuPath GeoJSON (level-0 coordinates) or synthetic truth.
+    reference: Optional[str] = None
+    #: auto | image | geojson | synthetic (auto: .geojson/.json is GeoJSON, a synthetic mask TIFF is synthetic).
+    reference_type: str = "auto"
+    #: Probability cut for probability masks; None: the one recorded in the prediction (else 0.5).
+    threshold: Optional[float] = None
+    #: GeoJSON classes to keep (e.g. [Tissue]); None keeps every annotation.
+    classes: Optional[list[str]] = None
+    #: Where evaluation.json and pieces.csv go; None: the Hydra run folder.
+    output_dir: Optional[str] = None
+    #: Pieces are found on blocks of pixels so that at most this many blocks are labelled.
+    max_piece_pixels: int = 2**24
+    log_mlflow: bool = True
+
+
+def register() -> None:
+    """Store the schemas under the names the primary configs' defaults lists use."""
+    store = ConfigStore.instance()
+    store.store(name=TRAIN_SCHEMA, node=TrainAppSchema)
+    store.store(name=PREDICT_SCHEMA, node=PredictAppSchema)
+    store.store(name=EVALUATE_SCHEMA, node=EvaluateAppSchema)
+
+
+register()

@@ -1,0 +1,163 @@
+"""The options of the model, training and prediction as typed dataclasses: their one set of types and defaults.
+
+Library code takes these objects; the Hydra entry points register the same classes as
+structured-config schemas (``gigaseg.cli.schema``), so a YAML file only chooses values.
+This module imports neither TensorFlow nor Hydra: a config is checked before either loads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gigaseg.errors import ConfigError
+
+#: The colour regions and slide levels are padded with up to a multiple of the total stride:
+#: the glass of an H&E scan, so padding looks like background to the model.
+DEFAULT_PAD_VALUE = (242, 242, 242)
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("constant", "cosine")
+TILING = ("auto", "always", "never")
+
+
+@dataclass
+class UNetLayout:
+    """A U-Net layout, as ``gigaseg.model.build_unet`` takes it (the ``model`` config group).
+
+    The defaults are the study's 4492-parameter ``gigaunet``: large kernels, stride 4 per
+    level, total stride 64. ``decoder_filters`` null mirrors ``filters``. ``input_range`` is
+    the interval uint8 pixels are rescaled to inside the model: [-6, 1] puts glass near 0.6
+    and spreads tissue over several units, which trained faster than [-1, 1] on the demo.
+    """
+
+    name: str = "gigaunet"
+    filters: tuple[int, ...] = (4, 4, 4)
+    kernels: tuple[int, ...] = (7, 9, 9)
+    strides: tuple[int, ...] = (4, 4, 4)
+    decoder_filters: tuple[int, ...] | None = None
+    activation: str = "relu"
+    input_range: tuple[float, ...] = (-6.0, 1.0)
+
+
+@dataclass
+class TrainConfig:
+    """The knobs of a training run (the ``train`` config group): one optimiser step per whole region."""
+
+    steps: int = 30
+    lr: float = 0.01
+    #: constant | cosine (decays to 0 at the last step)
+    lr_schedule: str = "constant"
+    #: Linear warm-up: step i <= warmup_steps uses lr * i / (warmup_steps + 1).
+    warmup_steps: int = 3
+    #: adam | adamw | sgd | rmsprop
+    optimizer: str = "adam"
+    #: dice_bce (soft Dice + BCE) | dice (soft Dice) | bce
+    loss: str = "dice_bce"
+    seed: int = 0
+    #: Validation Dice on the held-out region every N steps (and at the end).
+    val_every: int = 5
+    threshold: float = 0.5
+    #: Also at the end.
+    checkpoint_every: int = 10
+    #: auto/always: exact tiled steps (faster on CPU) | never: plain Keras step.
+    tiled: str = "auto"
+    #: None: chosen from the memory budget.
+    tile_size: int | None = None
+    #: None: memory_fraction of the memory available at start.
+    memory_budget_mb: float | None = None
+    memory_fraction: float = 0.6
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid option."""
+        from gigaseg.losses import LOSSES
+
+        if self.steps <= 0:
+            raise ConfigError(f"train.steps must be positive, got {self.steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"train.lr_schedule '{self.lr_schedule}' is unknown; choose one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be 0 or more, got {self.warmup_steps}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer '{self.optimizer}' is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"train.loss '{self.loss}' is unknown; choose one of {', '.join(LOSSES)}")
+        if self.val_every <= 0:
+            raise ConfigError(f"train.val_every must be positive, got {self.val_every}")
+        if self.checkpoint_every <= 0:
+            raise ConfigError(f"train.checkpoint_every must be positive, got {self.checkpoint_every}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"train.threshold must lie strictly between 0 and 1, got {self.threshold}")
+        if self.tiled not in TILING:
+            raise ConfigError(f"train.tiled '{self.tiled}' is unknown; choose one of {', '.join(TILING)}")
+        if self.tile_size is not None and self.tile_size <= 0:
+            raise ConfigError(f"train.tile_size must be positive, got {self.tile_size}")
+        if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
+            raise ConfigError(f"train.memory_budget_mb must be positive, got {self.memory_budget_mb}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ConfigError(f"train.memory_fraction must lie in (0, 1], got {self.memory_fraction}")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to predict and what to write (the ``gigaseg-predict`` options, minus model and slide)."""
+
+    #: A level, or a target mpp (the closest level, never coarser); both None: the model's resolution.
+    level: int | None = None
+    mpp: float | None = None
+    #: probability (uint8, round(255 p)) or binary (0/255 at the threshold).
+    kind: str = "probability"
+    threshold: float = 0.5
+    #: Model tile (core) side: a multiple of the total stride and of tiff_tile_size. Memory grows
+    #: with it, not with the slide; benchmarks/README.md has the figures behind the default.
+    tile_size: int = 1536
+    tiff_tile_size: int = 512
+    #: Tissue pieces smaller than this are dropped from the outlines (level-0 pixels^2 without an mpp).
+    min_area_um2: float = 1000.0
+    pad_value: tuple[int, ...] = DEFAULT_PAD_VALUE
+    #: Outlines are traced on a copy of the mask downsampled by a power of two to at most this many Mpx.
+    outline_max_mpx: float = 16.0
+    #: Threads decoding slide windows ahead of the model.
+    readers: int = 1
+    #: Tiles computed at once, in threads (each adds one tile's memory); 3 kept two cores busiest.
+    workers: int = 3
+    jit_compile: bool = False
+    #: Deflate level of the mask tiles (1: fastest).
+    compression_level: int = 1
+    thumbnail_size: int = 1024
+    progress: bool = True
+
+    def validate(self, total_stride: int, halo: int | None = None) -> None:
+        """Raise ConfigError naming the first invalid option (``halo``: the model's, when known)."""
+        from gigaseg.inference.tiff import KINDS, TIFF_TILE_SIZES
+        from gigaseg.streaming.plan import tile_below_halo
+
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind '{self.kind}' is unknown; choose one of {', '.join(KINDS)}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
+        if self.tiff_tile_size not in TIFF_TILE_SIZES:
+            raise ConfigError(f"tiff_tile_size must be one of {TIFF_TILE_SIZES}, got {self.tiff_tile_size}")
+        unit = math.lcm(total_stride, self.tiff_tile_size)
+        if self.tile_size <= 0 or self.tile_size % unit:
+            raise ConfigError(
+                f"tile_size {self.tile_size} must be a positive multiple of {unit} (the model's total stride "
+                f"{total_stride} and the TIFF tile {self.tiff_tile_size}), e.g. {max(unit, self.tile_size // unit * unit)}"
+            )
+        if halo is not None and self.tile_size < halo:
+            raise tile_below_halo(str(self.tile_size), halo, unit)
+        if self.min_area_um2 < 0:
+            raise ConfigError(f"min_area_um2 must be zero or positive, got {self.min_area_um2}")
+        if self.outline_max_mpx <= 0:
+            raise ConfigError(f"outline_max_mpx must be positive, got {self.outline_max_mpx}")
+        if self.readers < 1:
+            raise ConfigError(f"readers must be at least 1, got {self.readers}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.thumbnail_size < 1:
+            raise ConfigError(f"thumbnail_size must be a positive number of pixels, got {self.thumbnail_size}")
+        if not 0 <= self.compression_level <= 9:
+            raise ConfigError(f"compression_level must lie in 0..9 (deflate), got {self.compression_level}")
