@@ -87,6 +87,61 @@ def test_resume_prefers_an_intact_checkpoint_over_a_partial_artifact(store, tmp_
         load_checkpoint(tmp_path / "download2" / "last.npz")
 
 
+# --- resuming a training run from a checkpoint, matched by variable name -------------------
+
+TINY = dict(filters=(4, 4), kernels=(3, 3), strides=(2, 2))
+
+
+def _tiny_region(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    return image, (image[..., 0] > 127).astype(np.uint8)
+
+
+def _train(tmp_path: Path, out: str, steps: int, layout: dict = TINY, resume: Path | None = None):
+    from gigaseg.training import TrainConfig, train
+
+    image, mask = _tiny_region()
+    # A constant rate, whatever the number of steps (a warm-up makes it a schedule, another optimizer state).
+    config = TrainConfig(steps=steps, lr=0.01, warmup_steps=0, val_every=100, checkpoint_every=1, progress=False, seed=3)
+    return train(layout, image, mask, None, None, config, checkpoint_dir=tmp_path / out, resume=resume)
+
+
+def test_resume_from_a_checkpoint_of_another_model_layout_is_refused_naming_the_variable(tmp_path):
+    _train(tmp_path, "one", 1)
+    wider = dict(TINY, filters=(8, 4))
+    with pytest.raises(CheckpointError, match=r"model weight 'down1/kernel' of shape \(3, 3, 3, 4\), the model's has "
+                                              r"shape \(3, 3, 3, 8\); .*resume with the same model config"):
+        _train(tmp_path, "wider", 2, wider, resume=tmp_path / "one" / "last.npz")
+    assert not (tmp_path / "wider" / "last.npz").exists()  # refused before the first step
+
+
+def test_a_run_resumed_from_a_first_format_checkpoint_continues_like_one_resumed_by_name(tmp_path, caplog):
+    from gigaseg.checkpoint import DIGEST, arrays_digest
+
+    _train(tmp_path, "one", 1)
+    named = tmp_path / "one" / "last.npz"
+    # The same state as the first (positional) format wrote it: weight_0000, ..., optimizer_0000, ...
+    with np.load(named) as data:
+        arrays = {name: data[name] for name in data.files if name != DIGEST}
+    old = {k: v for k, v in arrays.items() if not k.startswith(("weights/", "optimizer/"))}
+    old.update({f"weight_{i:04d}": v for i, v in enumerate(v for k, v in arrays.items() if k.startswith("weights/"))})
+    old.update({f"optimizer_{i:04d}": v for i, v in enumerate(v for k, v in arrays.items() if k.startswith("optimizer/"))})
+    old[DIGEST] = np.array(arrays_digest(old))
+    positional = tmp_path / "old.npz"
+    np.savez(positional, **old)
+
+    by_name = _train(tmp_path, "by_name", 2, resume=named)
+    with caplog.at_level("WARNING", logger="gigaseg.checkpoint"):
+        by_position = _train(tmp_path, "by_position", 2, resume=positional)
+    assert "first checkpoint format" in caplog.text
+    assert [h["loss"] for h in by_position.history] == [h["loss"] for h in by_name.history]
+    for a, b in zip(by_position.model.get_weights(), by_name.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # The resumed run writes the named format.
+    assert load_checkpoint(tmp_path / "by_position" / "last.npz").weight_names[0] == "down1/kernel"
+
+
 def test_config_hash_ignores_paths_resume_and_progress_but_not_options():
     from gigaseg.cli.train import config_hash
 
