@@ -6,7 +6,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -138,11 +140,39 @@ def hydra_message(exc: BaseException) -> str:
     return "; ".join(parts) or type(exc).__name__
 
 
-def start(cfg: DictConfig, schema: type) -> None:
+#: TensorFlow's start-up lines on a machine without a GPU: its native logging ignores
+#: TF_CPP_MIN_LOG_LEVEL since it moved to absl (TensorFlow 2.19 and later).
+_TF_NOISE = re.compile(
+    r"absl::InitializeLog|oneDNN custom operations|cudart_stub|cpu_feature_guard|To enable the following instructions"
+    r"|failed call to cuInit|Could not find cuda drivers|Unable to register cu(DNN|BLAS|FFT) factory"
+)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and find its devices with the native stderr captured, and pass on what is not start-up noise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # initialises the platforms, which log too
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sink.seek(0)
+        for line in sink.read().decode(errors="replace").splitlines():
+            if line.strip() and not _TF_NOISE.search(line):
+                print(line, file=sys.stderr)
+
+
+def start(cfg: DictConfig, schema: type, *, tensorflow: bool = False) -> None:
     """What every ``@hydra.main`` function does first: check the config, quiet TensorFlow unless ``verbose``.
 
     Hydra types the config while composing it, but ``+key=value`` adds keys past the
-    schema; merging into the schema refuses those too (an OmegaConf error, one line in ``run_hydra``).
+    schema; merging into the schema refuses those too. ``tensorflow``: the command will
+    load TensorFlow, so it is loaded here, where its start-up lines can be dropped.
     """
     from omegaconf.errors import OmegaConfBaseException
 
@@ -157,10 +187,11 @@ def start(cfg: DictConfig, schema: type) -> None:
         sys.exit(2)
     if cfg.get("verbose"):
         logging.getLogger("gigaseg").setLevel(logging.DEBUG)
-    else:
-        # TensorFlow's C++ start-up lines (oneDNN, CUDA, CPU features) are INFO and WARNING;
-        # read when it loads, so this must come before the first import of TensorFlow.
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        return
+    # The older native logging of TensorFlow still reads this (INFO and WARNING off).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if tensorflow and "tensorflow" not in sys.modules:
+        import_tensorflow_quietly()
 
 
 def run_hydra(hydra_main: Callable[[], Any]) -> Any:

@@ -187,7 +187,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
 def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
-    start(cfg, PredictAppSchema)
+    start(cfg, PredictAppSchema, tensorflow=True)
     with user_errors():
         summary = run(cfg)
         log.info("wrote %s: tissue %.1f %%, %d piece(s), %.1f s", summary["output_dir"],

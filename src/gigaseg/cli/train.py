@@ -156,6 +156,8 @@ def run(cfg: DictConfig) -> float | None:
     overrides = list(HydraConfig.get().overrides.task)
 
     data_dir = Path(plain["data"]["dir"])
+    if not os.environ.get(LAUNCHED):  # local workers find what their launcher prepared
+        prepare_missing(cfg, data_dir, plain["data"].get("regions") or {})
     train_region = load_region(data_dir / "train")
     val_region = load_region(data_dir / "val") if (data_dir / "val").exists() else None
     if distributed.local_workers and not os.environ.get(LAUNCHED):
@@ -262,6 +264,17 @@ def run(cfg: DictConfig) -> float | None:
     return result.metrics.get("val_dice")
 
 
+def prepare_missing(cfg: DictConfig, data_dir: Path, regions: dict[str, Any]) -> None:
+    """Prepare the train and val regions first when they are not in ``data_dir`` yet, as ``mlflow run .`` does."""
+    from gigaseg.cli.prepare import run as prepare
+
+    missing = [name for name in ("train", "val") if name in regions and not (data_dir / name / "manifest.json").is_file()]
+    if missing:
+        log.info("region(s) %s not prepared in %s yet: preparing them now (gigaseg-prepare with the same overrides)",
+                 ", ".join(missing), data_dir)
+        prepare(cfg)
+
+
 def distributed_config(node: dict[str, Any] | None):
     """A validated DistributedConfig from the ``distributed`` config node."""
     from gigaseg.distributed import DistributedConfig
@@ -290,7 +303,7 @@ def launch_workers(distributed, overrides: list[str], output_dir: Path) -> float
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    start(cfg, TrainAppSchema)
+    start(cfg, TrainAppSchema, tensorflow=True)
     with user_errors():
         return run(cfg)
 
