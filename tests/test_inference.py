@@ -181,6 +181,27 @@ def test_mask_tiff_pyramid_is_built_from_blocks_in_any_order_within_a_band(tmp_p
     assert not (tmp_path / "bad.tiff").exists()
 
 
+def test_mask_tiff_leftovers_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from gigaseg.atomic import temporary_name
+
+    ended = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                               text=True, check=True).stdout)
+    target = tmp_path / "m.tiff"
+    # What a writer killed with SIGKILL leaves: its scratch levels and its partial file.
+    scratch, partial = (target.with_name(temporary_name(target, suffix).name.replace(f".{os.getpid()}.", f".{ended}.", 1))
+                        for suffix in (".scratch", ".tiff"))
+    scratch.mkdir()
+    (scratch / "level1").write_bytes(b"raw")
+    partial.write_bytes(b"half")
+    mask = np.zeros((300, 600), np.uint8)
+    write_mask_tiff(target, iter([(0, 0, mask)]), width=600, height=300, tile_size=256)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.tiff"]
+
+
 def test_outline_grid_keeps_the_downsampled_mask_small_and_votes():
     grid = OutlineGrid(width=10_000, height=3_000, max_pixels=1e6, max_factor=512)
     assert grid.factor == 8 and grid.mask.size <= 1e6

@@ -203,11 +203,23 @@ def test_bad_mask_source_output_leaves_nothing(tmp_path):
 
 
 def test_stale_temporary_folders_are_removed(tmp_path):
-    stale = tmp_path / ".region.tmp-999999999-deadbeef"  # no such process
-    stale.mkdir()
-    prepare_region(ArrayReader(slide_image()), RegionSpec(0, 0, 32, 32), RedMask(), tmp_path / "region",
-                   total_stride=16)
-    assert [p.name for p in tmp_path.iterdir()] == ["region"]
+    import os
+    import subprocess
+    import sys
+
+    from gigaseg.atomic import temporary_name
+
+    ended = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                               text=True, check=True).stdout)
+    target = tmp_path / "region"
+    # What a run killed while building (.tmp) or replacing (.old) the region leaves, and a live run's folder.
+    stale = [target.with_name(temporary_name(target, suffix).name.replace(f".{os.getpid()}.", f".{ended}.", 1))
+             for suffix in (".tmp", ".old")]
+    live = temporary_name(target, ".tmp")
+    for folder in stale + [live]:
+        folder.mkdir()
+    prepare_region(ArrayReader(slide_image()), RegionSpec(0, 0, 32, 32), RedMask(), target, total_stride=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "region"])
 
 
 def test_extra_manifest_cannot_override(tmp_path):

@@ -153,6 +153,28 @@ def test_thumbnail_sized_slide(tmp_path):
     assert read_mask_region(tmp_path / "m.tiff", (60, 36), 0, (1, 1)).shape == (1, 1)
 
 
+def test_a_killed_writers_leftovers_are_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    from gigaseg.atomic import temporary_name
+
+    ended = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                               text=True, check=True).stdout)
+
+    def left(target, suffix):  # named as the ended process would have named it
+        return target.with_name(temporary_name(target, suffix).name.replace(f".{os.getpid()}.", f".{ended}.", 1))
+
+    slide, mask = tmp_path / "t.tiff", tmp_path / "m.tiff"
+    left(slide, ".partial").write_bytes(b"half a slide")
+    left(mask, ".partial").write_bytes(b"half a mask")
+    scratch = left(slide, ".scratch")
+    scratch.mkdir()
+    (scratch / "rgb1").write_bytes(b"strips")
+    write_synthetic_slide(slide, height=37, width=61, seed=2, mask_path=mask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tiff", "t.tiff"]
+
+
 def test_bad_arguments_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="tile_size"):
         write_synthetic_slide(tmp_path / "x.tiff", height=64, width=64, tile_size=100)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gigaseg.atomic import write_errors
+from gigaseg.atomic import remove_stale_temporaries, temporary_name, write_errors
 from gigaseg.data.manifest import (
     IMAGE_NAME,
     MANIFEST_NAME,
@@ -33,28 +32,9 @@ from gigaseg.slides.base import SlideReader
 
 log = logging.getLogger(__name__)
 
-_TMP_TAG = ".tmp-"
-_OLD_TAG = ".old-"
-
-
-def _sibling(out_dir: Path, tag: str) -> Path:
-    return out_dir.with_name(f".{out_dir.name}{tag}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _remove_stale(out_dir: Path) -> None:
-    """Delete temporary siblings left by crashed runs (their process no longer exists)."""
-    for tag in (_TMP_TAG, _OLD_TAG):
-        for path in out_dir.parent.glob(f".{out_dir.name}{tag}*"):
-            pid = path.name[len(f".{out_dir.name}{tag}"):].split("-")[0]
-            try:
-                os.kill(int(pid), 0)
-                continue  # still running: not ours to delete
-            except (ValueError, ProcessLookupError):
-                pass
-            except PermissionError:
-                continue
-            log.info("removing %s left by an interrupted run", path)
-            shutil.rmtree(path, ignore_errors=True)
+#: Suffixes of the sibling folders beside ``out_dir``: the one being built, and the previous one being replaced.
+_BUILDING = ".tmp"
+_REPLACED = ".old"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -137,8 +117,8 @@ def prepare_region(
     slide = slide_facts(reader, slide_path if slide_path is not None else getattr(reader, "path", None))
     with write_errors(out_dir):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(out_dir)
-        tmp = _sibling(out_dir, _TMP_TAG)
+        remove_stale_temporaries(out_dir, (_BUILDING, _REPLACED))  # left by runs killed on this host
+        tmp = temporary_name(out_dir, _BUILDING)
         tmp.mkdir()
     try:
         with write_errors(out_dir, folder=tmp):
@@ -177,7 +157,7 @@ def prepare_region(
             _fsync_dir(tmp)
             old = None
             if out_dir.exists() or out_dir.is_symlink():
-                old = _sibling(out_dir, _OLD_TAG)
+                old = temporary_name(out_dir, _REPLACED)
                 out_dir.rename(old)
             tmp.rename(out_dir)
             _fsync_dir(out_dir.parent)

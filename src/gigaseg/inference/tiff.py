@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -25,7 +24,7 @@ import numba
 import numpy as np
 import tifffile
 
-from gigaseg.atomic import atomic_path, write_errors
+from gigaseg.atomic import atomic_path, scratch_dir, write_errors
 from gigaseg.slides.synthetic import LEVEL_FACTOR, pyramid_dimensions
 
 log = logging.getLogger(__name__)
@@ -160,7 +159,7 @@ def write_mask_tiff(
     with ExitStack() as stack:
         # The scratch levels are written beside the output too: a full or read-only disk names the output.
         stack.enter_context(write_errors(path))
-        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent))
+        scratch = str(stack.enter_context(scratch_dir(path)))
         raws = [_RawLevel(os.path.join(scratch, f"level{k}"), w, h) for k, (w, h) in enumerate(dims) if k > 0]
         for raw in raws:
             stack.callback(raw.close)

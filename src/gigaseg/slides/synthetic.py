@@ -14,7 +14,6 @@ import math
 import multiprocessing
 import os
 import signal
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
@@ -24,7 +23,7 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from gigaseg.atomic import write_errors
+from gigaseg.atomic import atomic_path, scratch_dir, write_errors
 from gigaseg.errors import ConfigError, MaskError
 from gigaseg.slides.synthetic_layout import SyntheticLayout, make_layout
 from gigaseg.slides.synthetic_render import render_region
@@ -194,21 +193,15 @@ def write_synthetic_slide(
     workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     log.info("writing synthetic slide %s: %dx%d, %d levels, seed %d", path, width, height, len(dims), seed)
 
-    temps = [t.with_name(f".{t.name}.{os.getpid()}.partial") for t in targets]
     with ExitStack() as stack:
         stack.enter_context(write_errors(path))  # a read-only or full disk is named as such
-        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix=".gigaseg-synth-", dir=path.parent))
+        # Left in reverse order, the mask is moved into place before the slide: a slide there has its mask.
+        temps = [stack.enter_context(atomic_path(t, suffix=".partial")) for t in targets]
+        scratch = str(stack.enter_context(scratch_dir(path)))
         bar = stack.enter_context(
             tqdm(total=sum(n_tiles) * len(targets), unit="tile", desc=path.name, disable=not progress)
         )
-        try:
-            tissue = _write_all(layout, dims, downsamples, tile_size, temps, scratch, bigtiff, workers, bar)
-            for temp, target in zip(temps[::-1], targets[::-1]):
-                os.replace(temp, target)
-        finally:
-            for temp in temps:
-                if temp.exists():
-                    temp.unlink()
+        tissue = _write_all(layout, dims, downsamples, tile_size, temps, scratch, bigtiff, workers, bar)
     return {
         "path": str(path),
         "mask_path": None if mask_path is None else str(mask_path),
