@@ -231,7 +231,8 @@ def test_mask_source_at_level_and_wrong_coordinate_space(tmp_path):
     mask = source.read((4, 2), 1, (8, 7))
     assert mask.dtype == np.uint8 and mask.sum() == 23
     desc = source.describe()
-    assert desc["kind"] == "geojson" and desc["classes"] == ["T"] and len(desc["sha256"]) == 64
+    assert desc["kind"] == "geojson" and desc["labels"]["tissue"] == ["T"] and len(desc["sha256"]) == 64
+    assert desc["polygons"] == {"tissue": 1, "background": 0, "ignore": 0} and source.produces_ignore is False
 
     far = GeoJSONMask(write(tmp_path, feature(polygon(rect(500, 500, 600, 600))), "far.geojson"))
     with pytest.raises(MaskError, match="entirely outside.*level-0 pixels"):

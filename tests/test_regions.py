@@ -123,6 +123,7 @@ def test_prepare_round_trip_with_padding(tmp_path):
     assert manifest["mask"] == {"kind": "red"} and manifest["gigaseg_version"] == gigaseg.__version__
     assert manifest["slide"]["name"] == "slide.tif" and manifest["slide"]["mpp"] == [0.25, 0.25]
     assert manifest["tissue_fraction"] == pytest.approx(region.mask.mean())
+    assert manifest["labelled_pixels"] == 48 * 80  # no ignore: every pixel, padding included
     assert manifest["files"]["image"] == {"name": "image.npy", "shape": [48, 80, 3], "dtype": "uint8"}
     assert sorted(p.name for p in out.iterdir()) == ["image.npy", "manifest.json", "mask.npy"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["region"]
@@ -192,13 +193,20 @@ def test_failure_part_way_keeps_the_old_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["region"]
 
 
-def test_bad_mask_source_output_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("value, produces_ignore, allowed", [
+    (3, False, "0/1"),
+    (255, False, "0/1"),  # a 0/255 tissue mask must not turn into ignore unnoticed
+    (3, True, "0/1/255"),
+])
+def test_bad_mask_source_output_leaves_nothing(tmp_path, value, produces_ignore, allowed):
     class Wrong(RedMask):
         def read(self, location, level, size):
-            return np.full((size[1], size[0]), 3, np.uint8)
+            return np.full((size[1], size[0]), value, np.uint8)
 
-    with pytest.raises(MaskError, match="values up to 3"):
-        prepare_region(ArrayReader(slide_image()), RegionSpec(0, 0, 32, 32), Wrong(), tmp_path / "r", total_stride=16)
+    source = Wrong()
+    source.produces_ignore = produces_ignore
+    with pytest.raises(MaskError, match=f"returned mask value {value}; a mask must be {allowed}"):
+        prepare_region(ArrayReader(slide_image()), RegionSpec(0, 0, 32, 32), source, tmp_path / "r", total_stride=16)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -248,10 +256,14 @@ def test_load_region_missing(tmp_path):
 
 def test_load_region_bad_mask_values(prepared):
     mask = np.lib.format.open_memmap(prepared / "mask.npy", mode="r+")
-    mask[3, 4] = 255
+    mask[3, 4] = 255  # ignore: a label value
+    mask.flush()
+    assert load_region(prepared).mask[3, 4] == 255
+    mask[5, 6] = 7
     mask.flush()
     del mask
-    with pytest.raises(MaskError, match="holds value 255.*re-run gigaseg-prepare"):
+    with pytest.raises(MaskError, match=r"holds value 7; a mask must hold 0 \(background\), 1 \(tissue\) or 255 "
+                                        r"\(ignore\); re-run gigaseg-prepare"):
         load_region(prepared)
 
 
@@ -358,6 +370,8 @@ def test_prepare_synthetic_slide_with_truth_mask(synthetic_slide, tmp_path):
     assert manifest["seed"] == 3 and manifest["slide"]["name"] == "slide.tiff"
     assert manifest["slide"]["sha256"] and manifest["mask"]["kind"] == "synthetic"
     assert 0.05 < manifest["tissue_fraction"] < 0.95
+    # Synthetic truth has no ignore: 0/1 only, every pixel labelled.
+    assert region.mask.max() == 1 and manifest["labelled_pixels"] == region.mask.size
 
 
 def test_prepare_synthetic_slide_with_openslide(synthetic_slide, tmp_path):
@@ -388,6 +402,8 @@ def test_prepare_fixture_with_bootstrap(tmp_path):
     region = load_region(tmp_path / "r")
     assert 0.05 < region.mask.mean() < 0.95
     assert manifest["mask"]["kind"] == "bootstrap" and manifest["slide"]["sha256"]
+    # The bootstrap has no ignore: 0/1 only, every pixel labelled.
+    assert region.mask.max() == 1 and manifest["labelled_pixels"] == region.mask.size
 
 
 def test_prepare_unreadable_slide_leaves_nothing(tmp_path):

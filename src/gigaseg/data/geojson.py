@@ -1,25 +1,27 @@
 """QuPath GeoJSON annotations as a mask: parse polygons and rasterise them tile by tile.
 
 Pixel (r, c) of a region at a level with downsample d and level-0 origin (x0, y0) is
-tissue when the level-0 point (x0 + (c + 0.5) d, y0 + (r + 0.5) d) lies inside a polygon
-(even-odd rule, so holes are holes), united over all polygons. Points exactly on an edge
-follow the usual top-left rule: left and top edges are inside, right and bottom are not.
+inside a polygon when the level-0 point (x0 + (c + 0.5) d, y0 + (r + 0.5) d) is (even-odd
+rule, so holes are holes). Points exactly on an edge follow the usual top-left rule: left
+and top edges are inside, right and bottom are not. A mask is the union of the tissue
+polygons, with background and then ignore polygons painted over it (``LabelClasses``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from gigaseg.data.labels import BACKGROUND, ROLE_VALUES, ROLES, LabelClasses
 from gigaseg.data.manifest import file_sha256
 from gigaseg.data.masks import BaseMaskSource
 from gigaseg.data.regions import FittedRegion
-from gigaseg.errors import MaskError
+from gigaseg.errors import ConfigError, MaskError
 from gigaseg.slides.base import SlideReader
 
 log = logging.getLogger(__name__)
@@ -126,27 +128,24 @@ def _classification(feature: dict) -> str | None:
     return None
 
 
-def _collect(features: list, wanted: set[str] | None, source: str, found_classes: set, polygons: list) -> None:
-    """Append the polygons of the wanted features to ``polygons``, and every class seen to ``found_classes``."""
+def _collect(features: list, keep: Callable[[str | None], bool], source: str, found_classes: set,
+             polygons: list) -> None:
+    """Append the polygons of the features ``keep`` accepts to ``polygons``, and every class seen to ``found_classes``."""
     for i, feature in enumerate(features):
         where = f"{source}: feature {i}"
         if not isinstance(feature, dict) or feature.get("type") != "Feature":
             raise MaskError(f"{where} is not a GeoJSON Feature object")
         name = _classification(feature)
         found_classes.add(name)
-        if wanted is not None and name not in wanted:
+        if not keep(name):
             continue
         if feature.get("geometry") is None:
             raise MaskError(f"{where} has no geometry")
         polygons.extend(_geometry(feature["geometry"], f"{where} ({name or 'unclassified'})", name))
 
 
-def parse_annotations(data: Any, *, classes: Sequence[str] | None = None, source: str = "GeoJSON") -> list[Polygon]:
-    """Polygons of a QuPath GeoJSON export (FeatureCollection, list of Features, Feature or geometry).
-
-    With ``classes``, only features whose ``properties.classification.name`` is one of them
-    are kept. Raises MaskError for anything malformed or when nothing is left.
-    """
+def _features(data: Any, source: str) -> list:
+    """The features of a QuPath GeoJSON export (FeatureCollection, list of Features, Feature or geometry)."""
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         features = data.get("features")
         if not isinstance(features, list):
@@ -166,13 +165,36 @@ def parse_annotations(data: Any, *, classes: Sequence[str] | None = None, source
         )
     if not features:
         raise MaskError(f"{source}: the file holds no annotations; annotate the slide or pick another file")
-    wanted = None if classes is None else {str(c) for c in classes}
+    return features
+
+
+def _parse(data: Any, keep: Callable[[str | None], bool], source: str) -> tuple[list[Polygon], set[str | None]]:
+    """The polygons of the kept features, and the classes of every feature in ``data``."""
+    features = _features(data, source)
     found_classes: set[str | None] = set()
     polygons: list[Polygon] = []
     try:
-        _collect(features, wanted, source, found_classes, polygons)
+        _collect(features, keep, source, found_classes, polygons)
     except RecursionError:
         raise MaskError(f"{source}: geometry collections nested too deeply; flatten the annotations") from None
+    return polygons, found_classes
+
+
+def _shown_classes(found_classes: set[str | None]) -> str:
+    shown = ", ".join(sorted(repr(c) for c in found_classes if c is not None)) or "none"
+    if None in found_classes:
+        shown += " (and unclassified annotations)"
+    return shown
+
+
+def parse_annotations(data: Any, *, classes: Sequence[str] | None = None, source: str = "GeoJSON") -> list[Polygon]:
+    """Polygons of a QuPath GeoJSON export (FeatureCollection, list of Features, Feature or geometry).
+
+    With ``classes``, only features whose ``properties.classification.name`` is one of them
+    are kept. Raises MaskError for anything malformed or when nothing is left.
+    """
+    wanted = None if classes is None else {str(c) for c in classes}
+    polygons, found_classes = _parse(data, lambda name: wanted is None or name in wanted, source)
     if not polygons and wanted is None:
         raise MaskError(f"{source}: the file holds no polygon annotations (only empty geometry collections)")
     if not polygons:
@@ -183,13 +205,59 @@ def parse_annotations(data: Any, *, classes: Sequence[str] | None = None, source
     return polygons
 
 
-def load_annotations(path: str | Path, *, classes: Sequence[str] | None = None) -> list[Polygon]:
-    """Read and parse a GeoJSON file (see ``parse_annotations``)."""
-    path = Path(path)
+@dataclass(frozen=True, eq=False)
+class LabelledPolygons:
+    """The polygons of each label of a mask, with their bounding boxes to skip them quickly per tile."""
+
+    tissue: tuple[Polygon, ...]
+    background: tuple[Polygon, ...] = ()
+    ignore: tuple[Polygon, ...] = ()
+    _bboxes: dict[str, np.ndarray] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_bboxes", {role: bounding_boxes(getattr(self, role)) for role in ROLES})
+
+    @property
+    def all(self) -> tuple[Polygon, ...]:
+        return self.tissue + self.background + self.ignore
+
+    def bboxes(self, role: str) -> np.ndarray:
+        return self._bboxes[role]
+
+
+def parse_labelled(data: Any, labels: LabelClasses, *, source: str = "GeoJSON") -> LabelledPolygons:
+    """The tissue, background and ignore polygons of a QuPath GeoJSON export, sorted by ``labels``.
+
+    A class named in ``labels`` that no annotation has is refused (MaskError naming the
+    class and the classes the file has), as is a file with no polygon of any label.
+    """
+    polygons, found_classes = _parse(data, lambda name: labels.role(name) is not None, source)
+    missing = [(name, role) for name, role in labels.named().items() if name not in found_classes]
+    if missing:
+        named = ", ".join(f"{name!r} (named as {role})" for name, role in missing)
+        raise MaskError(
+            f"{source}: no annotation of class {named}; classes in the file: {_shown_classes(found_classes)}; "
+            "check the spelling (QuPath class names are case-sensitive)"
+        )
+    if not polygons:
+        raise MaskError(
+            f"{source}: the file holds no polygon annotation of the classes used; classes in the file: "
+            f"{_shown_classes(found_classes)}"
+        )
+    by_role: dict[str, list[Polygon]] = {role: [] for role in ROLES}
+    for polygon in polygons:
+        by_role[labels.role(polygon.classification)].append(polygon)
+    if not by_role["tissue"]:
+        log.warning("%s: no annotation is tissue (tissue classes: %s); the mask has no tissue", source,
+                    "every class not named" if labels.tissue is None else ", ".join(labels.tissue))
+    return LabelledPolygons(**{role: tuple(found) for role, found in by_role.items()})
+
+
+def _read_json(path: Path) -> Any:
     try:
         # utf-8-sig also reads files that an editor saved with a byte-order mark.
         with open(path, encoding="utf-8-sig") as f:
-            data = json.load(f)
+            return json.load(f)
     except FileNotFoundError as exc:
         raise MaskError(f"annotation file {path} does not exist; check the path") from exc
     except OSError as exc:
@@ -198,7 +266,18 @@ def load_annotations(path: str | Path, *, classes: Sequence[str] | None = None) 
         raise MaskError(f"annotation file {path.name} is not valid JSON ({exc}); export it again from QuPath") from exc
     except RecursionError:
         raise MaskError(f"annotation file {path.name} is nested too deeply to be GeoJSON; export it again from QuPath") from None
-    return parse_annotations(data, classes=classes, source=f"annotation file {path.name}")
+
+
+def load_annotations(path: str | Path, *, classes: Sequence[str] | None = None) -> list[Polygon]:
+    """Read and parse a GeoJSON file (see ``parse_annotations``)."""
+    path = Path(path)
+    return parse_annotations(_read_json(path), classes=classes, source=f"annotation file {path.name}")
+
+
+def load_labelled(path: str | Path, labels: LabelClasses) -> LabelledPolygons:
+    """Read a GeoJSON file and sort its polygons by label (see ``parse_labelled``)."""
+    path = Path(path)
+    return parse_labelled(_read_json(path), labels, source=f"annotation file {path.name}")
 
 
 def _rasterise_one(poly: Polygon, out: np.ndarray, x0: float, y0: float, d: float) -> None:
@@ -265,6 +344,23 @@ def rasterise(polygons: Sequence[Polygon], location: Sequence[int], downsample: 
     return out
 
 
+def rasterise_labels(layers: LabelledPolygons, location: Sequence[int], downsample: float, size: Sequence[int],
+                     *, unannotated: int = BACKGROUND) -> np.ndarray:
+    """The h x w uint8 label mask (0 background, 1 tissue, 255 ignore) of a tile, like ``rasterise``.
+
+    Pixels outside every polygon are ``unannotated``; the union of the tissue polygons is 1,
+    then background and ignore polygons are painted over it, so ignore > background > tissue.
+    """
+    w, h = (int(v) for v in size)
+    out = np.full((h, w), unannotated, dtype=np.uint8)
+    for role in ROLES:
+        polygons = getattr(layers, role)
+        if polygons:
+            inside = rasterise(polygons, location, downsample, size, bboxes=layers.bboxes(role))
+            np.copyto(out, np.uint8(ROLE_VALUES[role]), where=inside.view(bool))
+    return out
+
+
 #: How far a polygon may overhang the slide, as a share of its width or height: outlines drawn
 #: up to the edge can overshoot it a little (they are clipped); further out, the coordinates
 #: are in another space.
@@ -290,15 +386,29 @@ def check_inside(polygons: Sequence[Polygon], width: float, height: float, name:
 
 
 class GeoJSONMask(BaseMaskSource):
-    """Tissue mask rasterised from a QuPath GeoJSON export (coordinates in level-0 pixels)."""
+    """Label mask rasterised from a QuPath GeoJSON export (coordinates in level-0 pixels).
+
+    ``labels`` says which classes are tissue, background or ignore (default: every
+    annotation is tissue, the rest background). ``classes`` is the older way to name the
+    tissue classes alone: ``classes=["Tissue"]`` is ``labels=LabelClasses(tissue=("Tissue",))``.
+    """
 
     kind = "geojson"
 
-    def __init__(self, path: str | Path, *, classes: Sequence[str] | None = None) -> None:
+    def __init__(self, path: str | Path, *, labels: LabelClasses | None = None,
+                 classes: Sequence[str] | None = None) -> None:
+        if labels is not None and classes is not None:
+            raise ConfigError("give the tissue classes in labels (LabelClasses.tissue) or as classes, not both")
+        if labels is None:
+            # Class names may come from a config as numbers; a bare string is refused by validate().
+            tissue = classes if classes is None or isinstance(classes, str) else tuple(str(c) for c in classes)
+            labels = LabelClasses(tissue=tissue)
+        labels.validate()
         self.path = Path(path)
-        self.classes = None if classes is None else sorted(str(c) for c in classes)
-        self.polygons = load_annotations(self.path, classes=self.classes)
-        self._bboxes = bounding_boxes(self.polygons)
+        self.labels = labels
+        self.layers = load_labelled(self.path, labels)
+        self.polygons = list(self.layers.all)
+        self.produces_ignore = labels.unannotated == "ignore" or bool(self.layers.ignore)
         self._downsamples: tuple[float, ...] | None = None
         self._sha256: str | None = None
 
@@ -314,7 +424,8 @@ class GeoJSONMask(BaseMaskSource):
     def read(self, location: Sequence[int], level: int, size: Sequence[int]) -> np.ndarray:
         if self._downsamples is None:
             raise MaskError("GeoJSONMask.read called before attach(); prepare_region attaches it")
-        return rasterise(self.polygons, location, self._downsamples[level], size, bboxes=self._bboxes)
+        return rasterise_labels(self.layers, location, self._downsamples[level], size,
+                                unannotated=self.labels.unannotated_value)
 
     def describe(self) -> dict:
         if self._sha256 is None:
@@ -325,7 +436,7 @@ class GeoJSONMask(BaseMaskSource):
             "path": str(self.path),
             "file": self.path.name,
             "sha256": self._sha256,
-            "classes": self.classes,
+            "labels": self.labels.describe(),
             "classes_used": found,
-            "polygons": len(self.polygons),
+            "polygons": {role: len(getattr(self.layers, role)) for role in ROLES},
         }

@@ -25,7 +25,8 @@ FORMAT_VERSION = 1
 
 #: Keys of the manifest that ``extra_manifest`` may not override.
 RESERVED_KEYS = frozenset(
-    {"format_version", "gigaseg_version", "slide", "region", "mask", "total_stride", "tissue_fraction", "files"}
+    {"format_version", "gigaseg_version", "slide", "region", "mask", "total_stride", "tissue_fraction",
+     "labelled_pixels", "files"}
 )
 
 
@@ -137,6 +138,7 @@ def build_manifest(
     mask: dict,
     total_stride: int,
     tissue_fraction: float,
+    labelled_pixels: int,
     image_shape: tuple[int, ...],
     mask_shape: tuple[int, ...],
     extra: dict | None = None,
@@ -144,7 +146,8 @@ def build_manifest(
     """Assemble the manifest; ``extra`` (e.g. ``{"seed": 3}``) is merged at the top level.
 
     ``tissue_fraction`` is the share of mask pixels that are 1 over the whole fitted region,
-    padding included (padding is background).
+    padding included (padding is background). ``labelled_pixels`` counts the pixels that are
+    0 or 1, i.e. not ignore (255): those the loss and the metrics see.
     """
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -154,6 +157,7 @@ def build_manifest(
         "mask": mask,
         "total_stride": int(total_stride),
         "tissue_fraction": float(tissue_fraction),
+        "labelled_pixels": int(labelled_pixels),
         "files": {
             "image": {"name": IMAGE_NAME, "shape": list(image_shape), "dtype": "uint8"},
             "mask": {"name": MASK_NAME, "shape": list(mask_shape), "dtype": "uint8"},

@@ -1,8 +1,10 @@
-"""Where a region's tissue mask comes from: synthetic truth, a mask image, or (elsewhere) annotations.
+"""Where a region's label mask comes from: synthetic truth, a mask image, or (elsewhere) annotations.
 
 Every mask source has ``read(location, level, size)`` returning an H x W uint8 array of
-0/1 in the slide-reader convention, and ``describe()`` returning JSON-ready facts for
-the manifest. ``attach(reader, region, workdir)`` is called once before the first read.
+0 (background) and 1 (tissue) in the slide-reader convention, and ``describe()`` returning
+JSON-ready facts for the manifest. A source whose ``produces_ignore`` is true may also
+return 255 (ignore: neither, counted in no loss and no metric). ``attach(reader, region,
+workdir)`` is called once before the first read.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from gigaseg.data.labels import IGNORE
 from gigaseg.data.manifest import file_sha256
 from gigaseg.data.regions import FittedRegion
-from gigaseg.errors import MaskError
+from gigaseg.errors import ConfigError, MaskError
 from gigaseg.slides.base import SlideReader
 
 log = logging.getLogger(__name__)
@@ -23,10 +26,10 @@ log = logging.getLogger(__name__)
 
 @runtime_checkable
 class MaskSource(Protocol):
-    """Anything that can give the 0/1 tissue mask of a rectangle of a slide."""
+    """Anything that can give the label mask (0/1, or 0/1/255 when it has ignored pixels) of a rectangle of a slide."""
 
     def read(self, location: Sequence[int], level: int, size: Sequence[int]) -> np.ndarray:
-        """The H x W uint8 0/1 mask of ``size`` (w, h) at ``level`` with level-0 origin ``location``."""
+        """The H x W uint8 mask of ``size`` (w, h) at ``level`` with level-0 origin ``location``."""
 
     def describe(self) -> dict:
         """JSON-ready description for the manifest (kind, path, sha256, options)."""
@@ -36,6 +39,8 @@ class BaseMaskSource:
     """Default no-op hooks shared by the built-in mask sources."""
 
     kind = "mask"
+    #: Whether ``read`` may return 255 (ignore); a source that says no is checked to return only 0/1.
+    produces_ignore = False
 
     def attach(self, reader: SlideReader, region: FittedRegion, workdir: Path) -> None:
         """Called once before reading, with the slide and the fitted region."""
@@ -44,17 +49,25 @@ class BaseMaskSource:
         """Release files and scratch space."""
 
 
-def check_mask_tile(mask: np.ndarray, size: Sequence[int], source: str) -> np.ndarray:
-    """Return ``mask`` as uint8 0/1 after checking its shape against ``size`` (w, h)."""
+def check_mask_tile(mask: np.ndarray, size: Sequence[int], source: str, *, ignore: bool = False) -> np.ndarray:
+    """Return ``mask`` as uint8 after checking its shape against ``size`` (w, h) and its values.
+
+    Values must be 0/1, or 0/1/255 with ``ignore``: a source that does not produce ignored
+    pixels and returns 255 most likely means tissue by it, and must not lose it silently.
+    """
     w, h = (int(v) for v in size)
     mask = np.asarray(mask)
     if mask.shape != (h, w):
         raise MaskError(f"{source} returned a mask of shape {mask.shape}, expected {(h, w)} (h x w)")
-    if mask.dtype != np.uint8:
-        mask = mask.astype(np.uint8)
-    if mask.size and mask.max() > 1:
-        raise MaskError(f"{source} returned mask values up to {int(mask.max())}; a mask must be 0/1")
-    return mask
+    if mask.size:
+        # Checked before the cast to uint8, which would wrap 256 round to 0.
+        bad = (mask < 0) | (mask > 1)
+        if ignore:
+            bad &= mask != IGNORE
+        if bad.any():
+            allowed = "0/1/255 (background, tissue, ignore)" if ignore else "0/1"
+            raise MaskError(f"{source} returned mask value {mask[bad][0]}; a mask must be {allowed}")
+    return mask.astype(np.uint8, copy=False)
 
 
 class SyntheticMask(BaseMaskSource):
@@ -124,7 +137,11 @@ def _load_mask_image(path: Path) -> np.ndarray:
 
 
 def _mask_values(image: np.ndarray, rows_per_chunk: int = 1024) -> set[int | float]:
-    """The distinct values of ``image``, scanned in row chunks to bound memory."""
+    """The distinct values of ``image``, scanned in row chunks to bound memory.
+
+    The scan stops once more than three values are found (background, tissue, ignore):
+    the image is refused then, and the message shows those found.
+    """
     found: set = set()
     for r in range(0, image.shape[0], rows_per_chunk):
         chunk = np.asarray(image[r : r + rows_per_chunk])
@@ -133,7 +150,7 @@ def _mask_values(image: np.ndarray, rows_per_chunk: int = 1024) -> set[int | flo
             found.update(int(v) for v in np.flatnonzero(counts))
         else:
             found.update(v.item() for v in np.unique(chunk))
-        if len(found) > 2:
+        if len(found) > 3:
             break
     return found
 
@@ -143,15 +160,25 @@ class MaskImage(BaseMaskSource):
 
     The image covers the requested region (before fitting): with ``fit="crop"`` its right
     and bottom are dropped with the region; with ``fit="pad"`` the padding is mask 0.
-    Values 0/1 or 0/255 are accepted.
+    Values 0/1 or 0/255 are accepted (0 background, the other tissue). ``ignore_value``
+    names one more value of the image whose pixels become ignore (255) in the prepared
+    mask: 2 in a 0/1/2 image, 128 in a 0/128/255 one.
     """
 
     kind = "image"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, ignore_value: int | None = None) -> None:
+        if ignore_value is not None and (isinstance(ignore_value, bool) or not isinstance(ignore_value, (int, np.integer))
+                                         or ignore_value <= 0):
+            raise ConfigError(
+                f"ignore_value must be a positive integer value of the mask image (0 is background), "
+                f"got {ignore_value!r}"
+            )
         self.path = Path(path)
         if not self.path.is_file():
             raise MaskError(f"mask image {self.path} does not exist; check the path")
+        self.ignore_value = None if ignore_value is None else int(ignore_value)
+        self.produces_ignore = self.ignore_value is not None
         self._image: np.ndarray | None = None
         self._region: FittedRegion | None = None
         self._scale = 1
@@ -167,15 +194,18 @@ class MaskImage(BaseMaskSource):
                 f"{region.level}; the mask must cover exactly the requested region at that level"
             )
         values = _mask_values(image)
-        if values <= {0, 1}:
+        labels = values - {self.ignore_value}
+        if labels <= {0, 1}:
             self._scale = 1
-        elif values <= {0, 255}:
+        elif labels <= {0, 255}:
             self._scale = 255
         else:
             shown = ", ".join(str(v) for v in sorted(values)[:10])
-            raise MaskError(
-                f"mask image {self.path.name} has values {{{shown}}}; a mask must hold only 0/1 or only 0/255"
-            )
+            if self.ignore_value is None:
+                allowed = "only 0/1 or only 0/255"
+            else:
+                allowed = f"only 0/1 or only 0/255, and the ignore value {self.ignore_value}"
+            raise MaskError(f"mask image {self.path.name} has values {{{shown}}}; a mask must hold {allowed}")
         self._image = image
         self._region = region
 
@@ -191,7 +221,10 @@ class MaskImage(BaseMaskSource):
         if col < 0 or row < 0 or col + w > self._image.shape[1] or row + h > self._image.shape[0]:
             raise MaskError(f"mask image {self.path.name}: tile at ({col}, {row}) of {w}x{h} is outside it")
         tile = np.asarray(self._image[row : row + h, col : col + w])
-        return (tile != 0).astype(np.uint8)
+        labels = (tile != 0).astype(np.uint8)
+        if self.ignore_value is not None:
+            labels[tile == self.ignore_value] = IGNORE
+        return labels
 
     def describe(self) -> dict:
         if self._sha256 is None:
@@ -199,6 +232,7 @@ class MaskImage(BaseMaskSource):
         desc = {"kind": self.kind, "path": str(self.path), "file": self.path.name, "sha256": self._sha256}
         if self._image is not None:
             desc["values"] = "0/255" if self._scale == 255 else "0/1"
+        desc["ignore_value"] = self.ignore_value
         return desc
 
     def close(self) -> None:

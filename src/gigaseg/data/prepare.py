@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gigaseg.atomic import remove_stale_temporaries, temporary_name, write_errors
+from gigaseg.data.labels import BACKGROUND, IGNORE, TISSUE, LabelCounts, count_labels
 from gigaseg.data.manifest import (
     IMAGE_NAME,
     MANIFEST_NAME,
@@ -46,11 +47,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_region(reader: SlideReader, region: FittedRegion, mask_source: MaskSource, tmp: Path,
-                  tile_size: int, progress: bool) -> int:
-    """Write image.npy and mask.npy into ``tmp`` tile by tile; return the number of tissue pixels."""
+                  tile_size: int, progress: bool) -> LabelCounts:
+    """Write image.npy and mask.npy into ``tmp`` tile by tile; return the pixels of each label."""
     width, height = region.size
     read_w, read_h = region.read_size
-    tissue = 0
+    totals = np.zeros(len(LabelCounts._fields), dtype=np.int64)
+    ignore = bool(getattr(mask_source, "produces_ignore", False))
     pad_tile = np.empty((tile_size, tile_size, 3), dtype=np.uint8)
     pad_tile[:] = region.pad_value
     zero_mask = np.zeros((tile_size, tile_size), dtype=np.uint8)
@@ -73,7 +75,7 @@ def _write_region(reader: SlideReader, region: FittedRegion, mask_source: MaskSo
                         "the slide file may be corrupt"
                     ) from exc
                 labels = check_mask_tile(mask_source.read(location, region.level, (in_w, in_h)), (in_w, in_h),
-                                         f"mask source {type(mask_source).__name__}")
+                                         f"mask source {type(mask_source).__name__}", ignore=ignore)
                 if image is None:
                     image, mask = pixels, labels
                 else:
@@ -81,10 +83,10 @@ def _write_region(reader: SlideReader, region: FittedRegion, mask_source: MaskSo
                     mask[:in_h, :in_w] = labels
             image_file.write(row, col, image)
             mask_file.write(row, col, mask)
-            tissue += int(np.count_nonzero(mask))
+            totals += count_labels(mask)
         image_file.sync()
         mask_file.sync()
-    return tissue
+    return LabelCounts(*(int(v) for v in totals))
 
 
 def prepare_region(
@@ -134,7 +136,7 @@ def prepare_region(
                             f"{reader.name}: cannot read the region at level-0 ({region.x}, {region.y}), level "
                             f"{region.level}, for the {getattr(mask_source, 'kind', 'mask')} mask ({exc})"
                         ) from exc
-                tissue = _write_region(reader, region, mask_source, tmp, tile_size, progress)
+                counts = _write_region(reader, region, mask_source, tmp, tile_size, progress)
                 mask_desc = mask_source.describe()
             finally:
                 close = getattr(mask_source, "close", None)
@@ -147,7 +149,8 @@ def prepare_region(
                 region=region.describe(),
                 mask=mask_desc,
                 total_stride=total_stride,
-                tissue_fraction=tissue / (width * height),
+                tissue_fraction=counts.tissue / (width * height),
+                labelled_pixels=counts.labelled,
                 image_shape=(height, width, 3),
                 mask_shape=(height, width),
                 extra=extra_manifest,
@@ -169,8 +172,11 @@ def prepare_region(
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
-    log.info("prepared %s: %dx%d px at level %d, tissue fraction %.3f",
-             out_dir, width, height, region.level, manifest["tissue_fraction"])
+    log.info("prepared %s: %dx%d px at level %d, tissue fraction %.3f, %d labelled px",
+             out_dir, width, height, region.level, manifest["tissue_fraction"], counts.labelled)
+    if counts.labelled == 0:
+        log.warning("%s has no labelled pixel (every pixel is ignore), so training cannot use it; annotate "
+                    "tissue or background inside the region, or count unannotated pixels as background", out_dir)
     return manifest
 
 
@@ -179,32 +185,35 @@ class Region:
     """A prepared region: read-only memory-mapped pixels and mask, and its manifest."""
 
     image: np.ndarray  # H x W x 3 uint8, memory-mapped read-only
-    mask: np.ndarray  # H x W uint8 0/1, memory-mapped read-only
+    mask: np.ndarray  # H x W uint8 0 background, 1 tissue, 255 ignore; memory-mapped read-only
     manifest: dict[str, Any]
     path: Path
 
 
-def _max_value(path: Path, chunk_bytes: int = 1 << 24) -> int:
-    """Largest byte of a uint8 .npy's data, read in chunks (no mapping, bounded memory)."""
+_LABEL_VALUES = (BACKGROUND, TISSUE, IGNORE)
+
+
+def _unknown_value(path: Path, chunk_bytes: int = 1 << 24) -> int | None:
+    """A byte of a uint8 .npy's data that is no label value, or None; read in chunks (no mapping, bounded memory)."""
     mm = np.load(path, mmap_mode="r", allow_pickle=False)
     offset, nbytes = int(mm.offset), int(mm.nbytes)
     del mm
-    largest = 0
     with open(path, "rb") as f:
         for start in range(0, nbytes, chunk_bytes):
             f.seek(offset + start)
             block = np.frombuffer(f.read(min(chunk_bytes, nbytes - start)), dtype=np.uint8)
-            if block.size:
-                largest = max(largest, int(block.max()))
-                if largest > 1:
-                    break
-    return largest
+            present = np.flatnonzero(np.bincount(block, minlength=256))
+            unknown = np.setdiff1d(present, _LABEL_VALUES)
+            if unknown.size:
+                return int(unknown[0])
+    return None
 
 
 def load_region(path: str | Path, *, check_mask: bool = True) -> Region:
     """Open a folder written by ``prepare_region``, checking that its files agree with each other.
 
-    With ``check_mask`` the mask is scanned once (in chunks) to confirm it holds only 0/1.
+    With ``check_mask`` the mask is scanned once (in chunks) to confirm it holds only
+    0 (background), 1 (tissue) and 255 (ignore).
     """
     path = Path(path)
     hint = "re-run gigaseg-prepare for this region"
@@ -238,7 +247,10 @@ def load_region(path: str | Path, *, check_mask: bool = True) -> Region:
                 f"{path}: {key} is {tuple(array.shape)} but the manifest says {tuple(expected)}; {hint}"
             )
     if check_mask:
-        largest = _max_value(path / MASK_NAME)
-        if largest > 1:
-            raise MaskError(f"{path / MASK_NAME} holds value {largest}; a mask must be 0/1; {hint}")
+        unknown = _unknown_value(path / MASK_NAME)
+        if unknown is not None:
+            raise MaskError(
+                f"{path / MASK_NAME} holds value {unknown}; a mask must hold 0 (background), 1 (tissue) "
+                f"or 255 (ignore); {hint}"
+            )
     return Region(image=image, mask=mask, manifest=manifest, path=path)
