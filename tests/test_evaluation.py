@@ -141,3 +141,29 @@ def test_size_mismatch_is_refused():
         evaluate_masks(np.zeros((4, 5)), np.zeros((5, 4)))
     with pytest.raises(MaskError, match="2-D"):
         ArrayTissue(np.zeros((2, 2, 2)))
+
+
+def test_count_leaves_ignored_pixels_out_of_every_metric():
+    # Prepared masks: 0 background, 1 tissue, 255 ignore.
+    pred = np.array([[0.9, 0.9, 0.1, 0.9, 0.9, 0.1]])
+    labels = np.array([[1, 0, 1, 255, 255, 255]], np.uint8)
+    counts = count(pred, labels, threshold=0.5)
+    assert counts == Counts(true_positive=1, predicted=2, reference=2, total=3)
+    assert counts.scores() == {"dice": 0.5, "iou": pytest.approx(1 / 3), "precision": 0.5, "recall": 0.5}
+    # Band by band too, with bands of nothing but ignored pixels.
+    tall = np.repeat(labels.T, 3, axis=1)
+    assert count(np.repeat(pred.T, 3, axis=1), tall, rows=1) == Counts(3, 6, 6, 9)
+    # Without ignore, 255 is tissue, as in a 0/255 mask image.
+    assert count(pred, labels, ignore=None) == Counts(true_positive=3, predicted=4, reference=5, total=6)
+
+
+def test_count_refuses_a_reference_with_nothing_but_ignored_pixels():
+    with pytest.raises(MaskError, match="every pixel of the reference is 255"):
+        count(np.ones((4, 4)), np.full((4, 4), 255, np.uint8))
+
+
+def test_a_0_255_reference_mask_still_means_tissue_where_255():
+    # Mask files given as references are tissue masks: evaluate_masks reads 255 as tissue.
+    pred = np.array([[0.9, 0.9, 0.1, 0.1]])
+    ref = np.array([[255, 0, 255, 0]], np.uint8)
+    assert evaluate_masks(pred, ref).counts == Counts(true_positive=1, predicted=2, reference=2, total=4)

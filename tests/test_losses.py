@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gigaseg.losses import dice_pixel_weights, hard_counts, hard_dice, loss_from_sums, region_loss
+from gigaseg.losses import (
+    IGNORE_LABEL,
+    dice_pixel_weights,
+    hard_counts,
+    hard_dice,
+    loss_from_sums,
+    region_loss,
+)
 
 
 @pytest.fixture
@@ -46,3 +53,27 @@ def test_hard_dice_counts_pixels_at_or_above_one_half():
 def test_two_empty_masks_have_dice_one_and_soft_dice_loss_zero():
     assert hard_dice(0, 0, 0) == 1.0
     assert loss_from_sums("dice", 0.0, 0.0, 0.0, 0.0, 10) == 0.0
+
+
+@pytest.mark.parametrize("loss", ["dice", "bce", "dice_bce"])
+def test_ignored_pixels_count_in_no_sum_and_get_no_gradient(region, loss):
+    p, y = region
+    rng = np.random.default_rng(1)
+    ignored = rng.random(y.shape) < 0.3
+    labels = tf.constant(np.where(ignored, IGNORE_LABEL, y.numpy()))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(p)
+        with_ignore = region_loss(loss, p, labels)
+        kept = tf.boolean_mask(p, ~ignored)
+        labelled_only = region_loss(loss, kept, tf.boolean_mask(y, ~ignored))
+    assert float(with_ignore) == pytest.approx(float(labelled_only), rel=1e-12)
+    grad = tape.gradient(with_ignore, p).numpy()
+    assert np.all(grad[ignored] == 0)
+    np.testing.assert_allclose(grad[~ignored], tape.gradient(labelled_only, p).numpy()[~ignored], rtol=1e-12)
+
+
+def test_hard_counts_leave_ignored_pixels_out():
+    p = tf.constant([[0.2, 0.5, 0.9, 0.7, 0.8, 0.1]])
+    y = tf.constant([[0, 1, 0, 1, 255, 255]], tf.uint8)
+    intersection, predicted = hard_counts(p, y)
+    assert (float(intersection), float(predicted)) == (2.0, 3.0)

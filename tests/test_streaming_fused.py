@@ -106,3 +106,33 @@ def test_forward_passes_run_the_first_convolution_fused_and_match_tensorflow(mod
     np.testing.assert_allclose(a, c, rtol=0, atol=1e-6)
     np.testing.assert_allclose(b, c, rtol=0, atol=1e-6)
     assert not np.array_equal(a, b)  # the fused convolution was really used: its rounding differs
+
+
+def test_kernels_leave_ignored_pixels_out_of_sums_and_gradients():
+    rng = np.random.default_rng(4)
+    value = rng.standard_normal((23, 19, 8)).astype(np.float32)
+    image = rng.integers(0, 256, (23, 19, 48), dtype=np.uint8)
+    labels = rng.integers(0, 2, (23, 19, 16), dtype=np.uint8)
+    params = (rng.standard_normal((8, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32),
+              rng.standard_normal(4).astype(np.float32), rng.standard_normal(3).astype(np.float32), 0.2, 7 / 255, -6.0)
+    weights = (1e-3, -2e-3, 1e-4)
+    tail = FusedTail(RowSplitter(2))
+    part = rng.random(labels.shape) < 0.4
+    first, second = np.where(part, 255, labels).astype(np.uint8), np.where(part, labels, 255).astype(np.uint8)
+    # The sums over the labelled pixels, from the kernel's own probabilities.
+    p32 = tail.probabilities(value, image, *params)
+    p = p32.astype(np.float64)
+    keep, y = first != 255, (first == 1).astype(np.float64)
+    # Clipped in float32 as the kernel does (1 - 1e-7 is 1 - 2**-23 there): these weights saturate the sigmoid.
+    q = np.clip(p32, np.float32(1e-7), np.float32(1) - np.float32(1e-7)).astype(np.float64)
+    hard = (p >= 0.5) & keep
+    expected = [np.sum(p * y), np.sum(p[keep]), np.sum(y), -np.sum((y * np.log(q) + (1 - y) * np.log(1 - q))[keep]),
+                np.sum(hard * y), np.sum(hard)]
+    np.testing.assert_allclose(tail.sums(value, image, first, *params, True), expected, rtol=1e-6)
+    # Every pixel's terms are its own: ignoring complementary halves splits the whole in two.
+    whole = tail.gradients(value, image, labels, *params, *weights)
+    halves = [tail.gradients(value, image, half, *params, *weights) for half in (first, second)]
+    for total, a, b in zip(whole, *halves):
+        np.testing.assert_allclose(a + b, total, rtol=1e-5, atol=1e-6 * np.max(np.abs(total)))
+    for total, a, b in zip(tail.sums(value, image, labels, *params, True), *(tail.sums(value, image, h, *params, True) for h in (first, second))):
+        assert a + b == pytest.approx(total, rel=1e-6)

@@ -377,8 +377,13 @@ class DistributedEngine:
     def step(self, image: np.ndarray, mask: np.ndarray, *, progress=None):
         """The region's :class:`~gigaseg.streaming.engine.StepResult`, every replica computing its share."""
         from gigaseg.streaming.engine import PassSums, TileCounter, check_region
+        from gigaseg.streaming.labels import count_labelled
+
         engine = self.engines[0]
         region_shape = check_region(image, mask, engine.total_stride)
+        # n, the labelled pixels, from the whole mask on every replica (BCE's weights need it
+        # before its only pass); the per-tile sums below are over labelled pixels too.
+        labelled = count_labelled(mask)
         plan = engine.plan(region_shape)
         everyone = share(plan.tiles, self.replicas.num_replicas)
         mine = everyone[self.replicas.first_replica:self.replicas.first_replica + len(self.engines)]
@@ -391,7 +396,7 @@ class DistributedEngine:
             parts = self._on_replicas(lambda e, tiles: e.pass_sums(reader, tiles, counter), mine)
             first = PassSums(self.replicas.all_reduce([p.sums for p in parts], "pass-1 sums"))
             wait_s += sum(p.wait_s for p in parts)
-        weights = engine.surrogate_weights(first, region_shape)
+        weights = engine.surrogate_weights(first, labelled)
         parts = self._on_replicas(lambda e, tiles: e.pass_gradients(reader, tiles, weights, counter), mine)
         wait_s += sum(p[2] for p in parts)
         shapes = [g.shape for g in parts[0][0]]
@@ -403,4 +408,4 @@ class DistributedEngine:
             size = int(np.prod(shape))
             gradients.append(total[at:at + size].reshape(shape))
             at += size
-        return engine.result(region_shape, len(plan), first, gradients, total[at:], wait_s, time.perf_counter() - start)
+        return engine.result(labelled, len(plan), first, gradients, total[at:], wait_s, time.perf_counter() - start)

@@ -1,4 +1,12 @@
-"""Agreement between a predicted and a reference tissue mask, overall and per tissue piece, chunk by chunk."""
+"""Agreement between a predicted and a reference tissue mask, overall and per tissue piece, chunk by chunk.
+
+Two kinds of masks meet here. Prepared training masks (the ``mask`` of a prepared region)
+hold labels: 0 background, 1 tissue, :data:`IGNORE_LABEL` for pixels that count in no loss
+term and no metric; :func:`count`, which scores validation regions, reads them so. Mask
+files given as references (0/1 or 0/255 images, read by :mod:`gigaseg.evaluation_inputs`
+into :class:`TissueRows`) are tissue masks, where 255 is tissue: :func:`evaluate_masks`
+keeps reading every nonzero value of an array as tissue.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +18,18 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from gigaseg.data.labels import IGNORE
 from gigaseg.errors import MaskError
+
+#: The label of unlabelled pixels in prepared masks (0 background, 1 tissue), defined with
+#: them in :mod:`gigaseg.data.labels`: they count in no loss term and no metric. Only
+#: prepared masks use it; in 0/255 mask images 255 is tissue.
+IGNORE_LABEL = IGNORE
 
 
 @dataclass(frozen=True)
 class Counts:
-    """Pixel counts of a binary comparison."""
+    """Pixel counts of a binary comparison; ``total`` counts the pixels compared (not the ignored ones)."""
 
     true_positive: int
     predicted: int
@@ -37,8 +51,24 @@ class Counts:
         }
 
 
-def count(prediction: np.ndarray, reference: np.ndarray, *, threshold: float = 0.5, rows: int = 2048) -> Counts:
-    """Count agreement of ``prediction >= threshold`` with ``reference > 0``, ``rows`` rows at a time."""
+def count(
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    rows: int = 2048,
+    ignore: int | None = IGNORE_LABEL,
+) -> Counts:
+    """Count agreement of ``prediction >= threshold`` with ``reference > 0``, ``rows`` rows at a time.
+
+    ``reference`` is a prepared mask: pixels labelled ``ignore`` count nowhere (``total`` is
+    the number of the others), the rest is tissue where nonzero. The default suits the
+    masks this is called with (validation regions); a 0/255 tissue image needs
+    ``ignore=None``, which counts every nonzero value as tissue, as :func:`evaluate_masks`
+    does. The ignore value is a parameter rather than a guess from the values, because a
+    0/255 tissue mask and a prepared mask of background and ignored pixels hold the same
+    values. MaskError if every pixel is ignored: no metric means anything then.
+    """
     if prediction.shape[:2] != reference.shape[:2]:
         raise MaskError(
             f"prediction is {prediction.shape[1]}x{prediction.shape[0]} (w x h) but the reference is "
@@ -47,14 +77,20 @@ def count(prediction: np.ndarray, reference: np.ndarray, *, threshold: float = 0
     total = Counts(0, 0, 0, 0)
     for top in range(0, prediction.shape[0], rows):
         pred = np.asarray(prediction[top : top + rows]) >= threshold
-        ref = np.asarray(reference[top : top + rows]) > 0
-        total = total + band_counts(pred, ref)
+        labels = np.asarray(reference[top : top + rows])
+        total = total + band_counts(pred, labels > 0, None if ignore is None else labels == ignore)
+    if total.total == 0 and prediction.size:
+        raise MaskError(f"every pixel of the reference is {ignore} (ignore): there is nothing to score; check the mask")
     return total
 
 
-def band_counts(pred: np.ndarray, ref: np.ndarray) -> Counts:
-    """Counts of two bool arrays of the same shape (True = tissue)."""
-    return Counts(int(np.count_nonzero(pred & ref)), int(np.count_nonzero(pred)), int(np.count_nonzero(ref)), int(pred.size))
+def band_counts(pred: np.ndarray, ref: np.ndarray, ignored: np.ndarray | None = None) -> Counts:
+    """Counts of two bool arrays of the same shape (True = tissue), leaving out the pixels ``ignored`` marks."""
+    if ignored is None or not ignored.any():
+        return Counts(int(np.count_nonzero(pred & ref)), int(np.count_nonzero(pred)), int(np.count_nonzero(ref)), int(pred.size))
+    pred, ref = pred & ~ignored, ref & ~ignored
+    labelled = int(pred.size - np.count_nonzero(ignored))
+    return Counts(int(np.count_nonzero(pred & ref)), int(np.count_nonzero(pred)), int(np.count_nonzero(ref)), labelled)
 
 
 # ------------------------------------------------------------------ whole masks and pieces
@@ -152,7 +188,7 @@ def evaluate_masks(
     """Dice, IoU, precision and recall overall and per tissue piece, reading ``rows`` rows at a time.
 
     Arrays count as tissue where ``prediction >= threshold`` and ``reference > 0`` (as
-    ``count``). A piece is an 8-connected component of the union of predicted and reference
+    ``count`` with ``ignore=None``: a reference here is a tissue mask, 255 is tissue). A piece is an 8-connected component of the union of predicted and reference
     tissue, so false-positive blobs are pieces too. Pieces are found on blocks of b x b mask
     pixels, b the smallest with at most ``max_piece_pixels`` blocks (b = 1, exact pixels, up
     to 16.8 Mpx by default); a block belongs to the union when any of its pixels does, and

@@ -5,6 +5,7 @@ See docs/STREAMING.md for the method. The public entry points are re-exported he
 
 from gigaseg.streaming.engine import StepResult, TiledEngine, loss_and_gradients, predict_tiled
 from gigaseg.streaming.geometry import Geometry, activation_bytes_per_pixel, model_geometry, total_stride
+from gigaseg.streaming.labels import count_labelled
 from gigaseg.streaming.memory import (
     MemoryPlan,
     available_memory_bytes,
@@ -28,6 +29,7 @@ __all__ = [
     "available_memory_bytes",
     "check_plain_step_fits",
     "check_region_shape",
+    "count_labelled",
     "loss_and_gradients",
     "model_geometry",
     "plain_loss_and_gradients",

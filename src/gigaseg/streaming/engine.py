@@ -4,7 +4,9 @@ See ``docs/STREAMING.md``. Binary cross-entropy is a sum over pixels, so one pas
 and backward per tile suffices. Soft Dice needs the region sums first: pass 1 runs the model
 forward only and adds up ``A = sum(p*y)``, ``B = sum(p)``, ``C = sum(y)`` (and the hard-Dice
 counts); pass 2 back-propagates the surrogate ``sum_core stop_gradient(dL/dp) * p`` tile by tile.
-Sums and gradients are accumulated in float64 on the host.
+Sums and gradients are accumulated in float64 on the host. Every sum runs over the labelled
+pixels only (mask value 0 or 1; :data:`~gigaseg.evaluation.IGNORE_LABEL` is neither, see
+:mod:`gigaseg.streaming.labels`), and ignored pixels get the weight 0 in pass 2.
 """
 
 from __future__ import annotations
@@ -19,9 +21,18 @@ import numpy as np
 import tensorflow as tf
 
 from gigaseg.errors import MaskError
-from gigaseg.losses import HARD_THRESHOLD, bce_pixels, check_loss_name, dice_pixel_weights, hard_dice, loss_from_sums
+from gigaseg.losses import (
+    HARD_THRESHOLD,
+    bce_pixels,
+    check_loss_name,
+    dice_pixel_weights,
+    hard_dice,
+    labelled_pixels,
+    loss_from_sums,
+)
 from gigaseg.streaming.fastpath import SpaceToDepthUNet, from_blocks, to_blocks
 from gigaseg.streaming.geometry import model_geometry
+from gigaseg.streaming.labels import count_labelled
 from gigaseg.streaming.plan import Tile, TilePlan, as_tile_shape, check_region_shape, plan_tiles
 from gigaseg.streaming.reader import Prefetcher, WindowReader, ordered_map, release_rows
 from gigaseg.streaming.tail import Tail
@@ -39,7 +50,7 @@ _SCALAR = tf.TensorSpec((), tf.float64)
 
 @dataclass
 class PassSums:
-    """Pass-1 sums of some tiles (float64: A, B, C, BCE, hard intersection, hard predicted) and the read wait."""
+    """Pass-1 sums of some tiles (float64: A, B, C, BCE, hard intersection, hard predicted, all over labelled pixels) and the read wait."""
 
     sums: np.ndarray
     wait_s: float = 0.0
@@ -59,7 +70,11 @@ class TileCounter:
 
 @dataclass
 class StepResult:
-    """Loss, metric and gradients of one region, as the plain whole-region step would give them."""
+    """Loss, metric and gradients of one region, as the plain whole-region step would give them.
+
+    ``sums`` (tiled steps) holds the region sums behind them, all over the labelled pixels,
+    and ``n``, the number of those.
+    """
 
     loss: float
     dice: float
@@ -169,13 +184,13 @@ class TiledEngine:
         return tf.shape(core_mask)
 
     def _sums(self, p, y):
-        """Float64 sums of one core: A, B, C, BCE sum, hard intersection, hard predicted."""
-        yf = tf.cast(y, p.dtype)
+        """Float64 sums of one core over its labelled pixels: A, B, C, BCE sum, hard intersection, hard predicted."""
+        labelled, yf = labelled_pixels(y, p.dtype)
         predicted = tf.cast(p >= HARD_THRESHOLD, p.dtype)
-        terms = [p * yf, p, yf]
+        terms = [p * yf, p * labelled, yf]
         if self.loss != "dice":
-            terms.append(bce_pixels(p, yf))
-        terms += [predicted * yf, predicted]
+            terms.append(bce_pixels(p, yf) * labelled)
+        terms += [predicted * yf, predicted * labelled]
         # Sum the last axis (the f*f pixels of a block on the fast path) in the model's precision,
         # then the rest in float64: exact for the counts, far below the float32 error of p itself.
         partial = [tf.reduce_sum(tf.cast(tf.reduce_sum(t, -1), tf.float64)) for t in terms]
@@ -203,15 +218,16 @@ class TiledEngine:
             return grads, self._pass2_sums(sums)
         with tf.GradientTape() as tape:
             p = self._core_probabilities(window, offset, self._core_shape(core_mask), training=True)
+            labelled, yf = labelled_pixels(labels, p.dtype)
             surrogate = tf.zeros((), p.dtype)
             if self.loss != "bce":
-                # dL/dp per pixel from the region sums: one value for background, one for tissue
-                # (in the model's precision: float32, or float64 for a reference copy of it).
-                # Constants here, so this is the surrogate.
-                weights = tf.where(labels > 0, tf.cast(weight_tissue, p.dtype), tf.cast(weight_background, p.dtype))
-                surrogate += tf.reduce_sum(weights * p)
+                # dL/dp per pixel from the region sums: one value for background, one for tissue,
+                # 0 for ignored pixels (in the model's precision: float32, or float64 for a
+                # reference copy of it). Constants here, so this is the surrogate.
+                weights = tf.where(yf > 0, tf.cast(weight_tissue, p.dtype), tf.cast(weight_background, p.dtype))
+                surrogate += tf.reduce_sum(weights * labelled * p)
             if self.loss != "dice":
-                bce = tf.reduce_sum(bce_pixels(p, tf.cast(labels, p.dtype)), -1)
+                bce = tf.reduce_sum(bce_pixels(p, yf) * labelled, -1)
                 surrogate += tf.cast(bce_scale, p.dtype) * tf.reduce_sum(bce)
         grads = tape.gradient(surrogate, self.model.trainable_variables)
         if self.loss == "bce":  # the only pass: every sum comes from here
@@ -252,19 +268,22 @@ class TiledEngine:
     def step(self, image: np.ndarray, mask: np.ndarray, *, progress: Progress | None = None) -> StepResult:
         """Loss, hard Dice and gradients (in the order of ``model.trainable_variables``) of one region.
 
+        ``mask`` holds 0 (background), 1 (tissue) or :data:`~gigaseg.evaluation.IGNORE_LABEL`
+        (counts nowhere); MaskError for other values or for a mask without a labelled pixel.
         ``progress(done, total)`` is called after every tile of every pass; ``total`` is
         ``passes x tiles``.
         """
         region_shape = check_region(image, mask, self.total_stride)
+        labelled = count_labelled(mask)
         plan = self.plan(region_shape)
         counter = TileCounter(progress, self.passes * len(plan))
         start = time.perf_counter()
         reader = self.window_reader(image, mask)
         first = self.pass_sums(reader, plan.tiles, counter) if self.passes == 2 else None
-        weights = self.surrogate_weights(first, region_shape)
+        weights = self.surrogate_weights(first, labelled)
         gradients, second, wait_s = self.pass_gradients(reader, plan.tiles, weights, counter)
         wait_s += first.wait_s if first is not None else 0.0
-        return self.result(region_shape, len(plan), first, gradients, second, wait_s, time.perf_counter() - start)
+        return self.result(labelled, len(plan), first, gradients, second, wait_s, time.perf_counter() - start)
 
     # The pieces of a step, for callers that spread a region's tiles over several replicas
     # (gigaseg.distributed): each runs the passes on its share and sums the partial results.
@@ -279,9 +298,12 @@ class TiledEngine:
                 progress()
         return PassSums(sums, fetch.wait_s)
 
-    def surrogate_weights(self, first: "PassSums | None", region_shape: tuple[int, int]) -> tuple[float, float, float]:
-        """(dL/dp for background pixels, for tissue pixels, BCE scale) from the region's pass-1 sums."""
-        n = float(region_shape[0] * region_shape[1])
+    def surrogate_weights(self, first: "PassSums | None", labelled: int) -> tuple[float, float, float]:
+        """(dL/dp for background pixels, for tissue pixels, BCE scale) from the region's pass-1 sums and labelled pixels.
+
+        ``labelled`` is ``n``, the region's pixels labelled 0 or 1 (:func:`~gigaseg.streaming.labels.count_labelled`).
+        """
+        n = float(labelled)
         weight_background = weight_tissue = 0.0
         if first is not None:
             a, b, c = first.sums[0], first.sums[1], first.sums[2]
@@ -312,7 +334,7 @@ class TiledEngine:
 
     def result(
         self,
-        region_shape: tuple[int, int],
+        labelled: int,
         tiles: int,
         first: "PassSums | None",
         gradients: list[np.ndarray],
@@ -320,8 +342,8 @@ class TiledEngine:
         wait_s: float,
         elapsed_s: float,
     ) -> StepResult:
-        """The step's loss, hard Dice and gradients from the region-wide sums of both passes."""
-        n = float(region_shape[0] * region_shape[1])
+        """The step's loss, hard Dice and gradients from the region-wide sums of both passes and its ``labelled`` pixel count."""
+        n = float(labelled)
         if first is None:
             sums = second
         else:

@@ -13,9 +13,11 @@ depend on the number of threads.
 Shapes (``S = f*f`` pixels per block, ``C`` input channels, ``F`` filters, ``J = S*F``):
 ``value`` (rows, cols, C) float32, the transposed convolution's input cut to the core;
 ``image`` (rows, cols, 3*S) uint8, the core's pixels in blocks; ``labels`` (rows, cols, S)
-uint8; ``wt`` (C, J) and ``bt`` (J,) the transposed convolution as a product (output
-``J`` index = sub-pixel * F + filter); ``wa`` (F,) and ``wi`` (3,) the head's weights for the
-activations and for the rescaled image, ``bh`` its bias; ``scale``, ``offset`` the rescaling.
+uint8: 0 background, 1 tissue, above 1 (the ignore label) a pixel left out of every sum and
+given no gradient; ``wt`` (C, J) and ``bt`` (J,) the transposed convolution as a product
+(output ``J`` index = sub-pixel * F + filter); ``wa`` (F,) and ``wi`` (3,) the head's weights
+for the activations and for the rescaled image, ``bh`` its bias; ``scale``, ``offset`` the
+rescaling.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 # keep their meaning: a diverging step must still show a NaN loss.
 _FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
 
-# Sums of one core, in this order (the engine's PassSums layout).
+# Sums of one core over its labelled pixels, in this order (the engine's PassSums layout).
 SUMS = ("A", "B", "C", "bce", "hard_intersection", "hard_predicted")
 
 _F32 = np.float32
@@ -106,20 +108,27 @@ def _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, 
 
 @numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
 def _row_sums(p, labels, i, clip, with_bce, sums):  # pragma: no cover - compiled
-    """Add row ``i``'s A, B, C, BCE (if ``with_bce``), hard intersection and hard predicted to ``sums`` (float64, per block in float32)."""
+    """Add row ``i``'s A, B, C, BCE (if ``with_bce``), hard intersection and hard predicted to ``sums`` (float64, per block in float32).
+
+    Pixels labelled above 1 (ignored) add nothing. Their terms are selected away, not
+    multiplied by 0, so labelled pixels add exactly what they added before ignore existed.
+    """
     sub, cols = p.shape
     for c in range(cols):
         a = b = y_sum = bce = inter = predicted = _ZERO
         for s in range(sub):
             q = p[s, c]
-            y = _F32(labels[i, c, s])
+            label = labels[i, c, s]
+            labelled = label <= 1
+            y = _F32(label) if labelled else _ZERO
             a += q * y
-            b += q
+            b += q if labelled else _ZERO
             y_sum += y
             if with_bce:
                 qc = min(max(q, clip), _ONE - clip)
-                bce -= y * math.log(qc) + (_ONE - y) * math.log(_ONE - qc)
-            hard = _ONE if q >= _HALF else _ZERO
+                term = y * math.log(qc) + (_ONE - y) * math.log(_ONE - qc)
+                bce -= term if labelled else _ZERO
+            hard = _ONE if (q >= _HALF) & labelled else _ZERO
             inter += hard * y
             predicted += hard
         sums[0] += a
@@ -164,7 +173,7 @@ def _gradients(
     value, image, labels, lo, hi, wt, bt, wa, wi, bh, scale, offset, clip, with_bce,
     weight_background, weight_tissue, bce_scale, g_value, g_wt, g_bt, g_wa, g_wi, g_bh, sums,
 ):  # pragma: no cover - compiled
-    """Gradients of ``sum(weight(y) * p) + bce_scale * sum(bce(p, y))`` over rows ``lo:hi``, per row (float64)."""
+    """Gradients of ``sum(weight(y) * p) + bce_scale * sum(bce(p, y))`` over the labelled pixels of rows ``lo:hi``, per row (float64)."""
     cols = value.shape[1]
     channels, width = wt.shape
     filters = wa.shape[0]
@@ -180,11 +189,13 @@ def _gradients(
         for s in range(sub):
             for c in range(cols):
                 q = p[s, c]
-                y = _F32(labels[i, c, s])
+                label = labels[i, c, s]
+                y = _F32(label)
                 g = weight_tissue if y > _ZERO else weight_background
                 if bce_scale != _ZERO and q >= clip and q <= _ONE - clip:
                     g += bce_scale * ((_ONE - y) / (_ONE - q) - y / q)
-                gz[s, c] = g * q * (_ONE - q)
+                # An ignored pixel's g above is finite nonsense (y = 255), selected away here.
+                gz[s, c] = g * q * (_ONE - q) if label <= 1 else _ZERO
         acc_bh = _ZERO
         for s in range(sub):
             for c in range(cols):
@@ -269,7 +280,7 @@ class FusedTail:
     def gradients(
         self, value, image, labels, wt, bt, wa, wi, bh, scale, offset, weight_background, weight_tissue, bce_scale
     ) -> tuple[np.ndarray, ...]:
-        """Gradients of the core's surrogate ``sum(weight(y) * p) + bce_scale * sum(bce)`` and its six sums.
+        """Gradients of the core's surrogate ``sum(weight(y) * p) + bce_scale * sum(bce)`` over labelled pixels, and its six sums.
 
         Returns (d value, d wt, d bt, d wa, d wi, d bh) in float32, shaped like the inputs,
         and the :data:`SUMS` in float64 (BCE only if ``bce_scale`` is not 0).

@@ -16,6 +16,7 @@ import tensorflow as tf
 from gigaseg.losses import check_loss_name, hard_counts, hard_dice, region_loss
 from gigaseg.streaming.engine import StepResult, check_region
 from gigaseg.streaming.geometry import total_stride
+from gigaseg.streaming.labels import count_labelled
 
 _FLOAT64_COPIES: "weakref.WeakKeyDictionary[keras.Model, keras.Model]" = weakref.WeakKeyDictionary()
 
@@ -41,11 +42,15 @@ def float64_copy(model: keras.Model) -> keras.Model:
 
 
 def plain_step(model: keras.Model, image: np.ndarray, mask: np.ndarray, *, loss: str = "dice", dtype: str = "float32") -> StepResult:
-    """Loss, hard Dice and gradients of a region from one tape over the whole region."""
+    """Loss, hard Dice and gradients of a region from one tape over the whole region.
+
+    ``mask`` holds 0, 1 or :data:`~gigaseg.evaluation.IGNORE_LABEL` (counted nowhere), as for the tiled step.
+    """
     check_loss_name(loss)
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     check_region(image, mask, total_stride(model))
+    count_labelled(mask)
     net = float64_copy(model) if dtype == "float64" else model
     start = time.perf_counter()
     x = tf.convert_to_tensor(np.asarray(image)[np.newaxis])
@@ -55,7 +60,7 @@ def plain_step(model: keras.Model, image: np.ndarray, mask: np.ndarray, *, loss:
         value = region_loss(loss, p, y)
     grads = tape.gradient(value, net.trainable_variables)
     inter, predicted = hard_counts(p, y)
-    c = float(np.sum(mask, dtype=np.float64))
+    c = float(np.count_nonzero(np.asarray(mask) == 1))
     elapsed = time.perf_counter() - start
     return StepResult(
         loss=float(value),
