@@ -75,12 +75,27 @@ def test_smoke_prepare_and_train_log_everything(workspace):
     np.testing.assert_allclose(np.asarray(mlflow.pyfunc.load_model(model_uri).predict(x)), expected, atol=1e-6)
 
 
-def test_train_without_prepared_data_prints_one_line(workspace):
+@pytest.mark.slow
+def test_train_prepares_missing_regions_first(workspace):
     tmp_path, env, common = workspace
-    result = _command("gigaseg-train", "debug=smoke", *common, env=env, cwd=tmp_path)
-    assert result.returncode == 2
+    result = _command("gigaseg-train", "debug=smoke", "train.steps=1", *common, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = result.stdout + result.stderr  # Hydra's log handler writes to stdout
+    assert "not prepared in" in said and "preparing them now" in said
+    for name in ("train", "val"):
+        assert (tmp_path / "data" / "smoke" / "demo" / name / "manifest.json").is_file()
+    # TensorFlow's start-up lines are dropped unless verbose=true.
+    assert "oneDNN" not in said and "cuda" not in said.lower()
+
+
+def test_train_whose_regions_cannot_be_prepared_prints_one_line(workspace):
+    tmp_path, env, common = workspace
+    result = _command("gigaseg-train", "data=slide", f"data.slide.path={tmp_path}/missing.svs", *common,
+                      env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert "gigaseg-prepare" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "missing.svs" in errors[0], result.stderr[-3000:]
 
 
 def test_unknown_config_option_is_refused(workspace):

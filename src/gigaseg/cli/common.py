@@ -83,9 +83,9 @@ def typed_message(exc: BaseException) -> str | None:
         return None
     if isinstance(cause, ValidationError):
         words = str(getattr(cause, "msg", cause)).splitlines()[0]
-        converted = re.search(r"could not be converted to (\w+)|is not a valid (\w+)", words)
+        converted = re.search(r"could not be converted to (\w+)|is not a valid (\w+)|Cannot convert '\w+' to (\w+)", words)
         if converted:
-            word = converted.group(1) or converted.group(2).capitalize()
+            word = converted.group(1) or (converted.group(2) or converted.group(3)).capitalize()
             expected = _EXPECTED.get(word, _EXPECTED.get(word.replace("Bool", "Boolean"), word.lower()))
         elif "is not a ListConfig, list or tuple" in words:
             expected = "a list, e.g. [a, b]"

@@ -1,0 +1,92 @@
+"""gigaseg as an installed package: the wheel carries the configs, and the commands work outside a checkout."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+
+def test_every_package_is_listed_and_every_config_is_package_data():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    setuptools = project["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    found = {".".join(p.parent.relative_to(ROOT / "src").parts) for p in (ROOT / "src").rglob("__init__.py")}
+    assert listed == found | {"gigaseg.conf"}
+    assert setuptools["package-dir"]["gigaseg.conf"] == "conf"
+    globs = setuptools["package-data"]["gigaseg.conf"]
+    configs = {p.relative_to(ROOT / "conf") for p in (ROOT / "conf").rglob("*.yaml")}
+    assert configs and all(any(c.match(g) and len(c.parts) == len(Path(g).parts) for g in globs) for c in configs)
+
+
+def test_project_root_is_env_then_checkout_then_working_folder(tmp_path, monkeypatch):
+    from gigaseg.cli.common import project_root
+
+    checkout = tmp_path / "checkout"
+    (checkout / "deep" / "er").mkdir(parents=True)
+    (checkout / "data.dvc").write_text("outs: []\n")
+    monkeypatch.delenv("GIGASEG_ROOT", raising=False)
+    monkeypatch.chdir(checkout / "deep" / "er")
+    assert project_root() == checkout.resolve()
+    monkeypatch.chdir(tmp_path)
+    assert project_root() == tmp_path.resolve()
+    monkeypatch.setenv("GIGASEG_ROOT", str(checkout / "deep"))
+    assert project_root() == (checkout / "deep").resolve()
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_wheel_in_a_fresh_venv_trains_predicts_and_evaluates_from_an_empty_folder(tmp_path):
+    """Build the wheel, install it with its dependencies (from pip's cache) in a new venv, and use it nowhere near the checkout."""
+    wheels, venv, work = tmp_path / "wheels", tmp_path / "venv", tmp_path / "empty"
+    work.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+                   check=True, capture_output=True, timeout=600)
+    wheel = next(wheels.glob("gigaseg-*.whl"))
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, capture_output=True,
+                   timeout=1800)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    assert (site / "gigaseg" / "conf" / "config.yaml").is_file()
+    before = _snapshot(site)
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GIGASEG_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID",
+                                                               "VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([str(venv / "bin" / args[0]), *args[1:]], cwd=work, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, (args, done.stderr[-3000:])
+        return done
+
+    which = run("python", "-c", "import gigaseg; print(gigaseg.__file__)")
+    assert which.stdout.strip().startswith(str(site))
+
+    trained = run("gigaseg-train", "debug=smoke", "train.steps=2")
+    said = trained.stdout + trained.stderr  # Hydra's log handler writes to stdout
+    assert "preparing them now" in said
+    assert "oneDNN" not in said
+    model_uri = re.search(r"model logged as (\S+)", said).group(1)
+    data = work / "data" / "smoke" / "demo"
+    assert (data / "train" / "manifest.json").is_file() and (work / "mlflow.db").is_file()
+
+    run("gigaseg-predict", f"model_uri={model_uri}", f"slide={data / 'slide.tiff'}", f"output_dir={work / 'pred'}")
+    assert (work / "pred" / "mask.tiff").is_file() and (work / "pred" / "outlines.geojson").is_file()
+    scored = run("gigaseg-evaluate", f"prediction={work / 'pred'}", f"reference={data / 'slide_mask.tiff'}",
+                 f"output_dir={work / 'eval'}")
+    assert "dice" in scored.stdout and (work / "eval" / "evaluation.json").is_file()
+
+    assert _snapshot(site) == before, "nothing is written into the installed package"
+    assert any((tmp_path / "cache" / "gigaseg" / "numba").rglob("*.nbi")), "compiled kernels go to the user cache"
