@@ -58,7 +58,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from gigaseg.data import load_region
-    from gigaseg.training import TrainConfig, train
+    from gigaseg.training import TrainConfig, TrainRegion, train
 
     region = load_region(args.region)
     runs = {}
@@ -69,7 +69,7 @@ def main() -> int:
             warmup_steps=args.warmup_steps, **tiling,
         )
         with tempfile.TemporaryDirectory() as tmp:
-            result = train({}, region.image, region.mask, None, None, config, checkpoint_dir=Path(tmp))
+            result = train({}, [TrainRegion("train", region.image, region.mask)], [], config, checkpoint_dir=Path(tmp))
         runs[name] = result.history
     plain = np.array([h["loss"] for h in runs["plain"]])
     tiled = np.array([h["loss"] for h in runs["tiled"]])

@@ -112,7 +112,7 @@ def region(height: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def train_phase(args, work: Path, tracking_uri: str | None) -> tuple[dict, object]:
     from gigaseg.tracking import MlflowRun
-    from gigaseg.training import TrainConfig, train
+    from gigaseg.training import TrainConfig, TrainRegion, train
 
     image, mask = region(args.height, args.width, seed=0)
     val_image, val_mask = region(args.height, args.width, seed=1)
@@ -122,11 +122,11 @@ def train_phase(args, work: Path, tracking_uri: str | None) -> tuple[dict, objec
     )
     samples = Samples("train", args.warmup_steps)
     if tracking_uri is None:
-        result = train({}, image, mask, val_image, val_mask, config, checkpoint_dir=work / "checkpoints",
+        result = train({}, [TrainRegion("train", image, mask)], [TrainRegion("val", val_image, val_mask)], config, checkpoint_dir=work / "checkpoints",
                        logger=SamplingLogger(samples))
     else:
         with MlflowRun(tracking_uri, "soak", run_name="soak train") as run:
-            result = train({}, image, mask, val_image, val_mask, config, checkpoint_dir=work / "checkpoints",
+            result = train({}, [TrainRegion("train", image, mask)], [TrainRegion("val", val_image, val_mask)], config, checkpoint_dir=work / "checkpoints",
                            logger=SamplingLogger(samples, run))
     out = samples.summary()
     out.update(tiles_per_step=result.history[-1]["tiles"], tile_size=list(result.tile_size or ()),

@@ -42,7 +42,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from gigaseg.data import load_region
-    from gigaseg.training import TrainConfig, train
+    from gigaseg.training import TrainConfig, TrainRegion, train
 
     region, val = load_region(args.train), load_region(args.val)
     rows, cols = span(args.rows, region.image.shape[0]), span(args.cols, region.image.shape[1])
@@ -52,7 +52,7 @@ def main() -> int:
                          progress=not args.json, **fields)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        result = train(model_kwargs, region.image[rows, cols], region.mask[rows, cols], val.image, val.mask, config,
+        result = train(model_kwargs, [TrainRegion("train", region.image[rows, cols], region.mask[rows, cols])], [TrainRegion("val", val.image, val.mask)], config,
                        checkpoint_dir=Path(tmp))
     history = result.history
     print(json.dumps({

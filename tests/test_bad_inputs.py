@@ -596,7 +596,7 @@ def test_unreachable_store_stops_train_before_the_first_step(tmp_path):
 
 def test_diverging_loss_stops_training_naming_the_step_and_keeping_the_last_good_checkpoint(tmp_path):
     from gigaseg.checkpoint import load_checkpoint
-    from gigaseg.training import TrainConfig, TrainingDivergedError, train
+    from gigaseg.training import TrainConfig, TrainRegion, TrainingDivergedError, train
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (128, 256, 3), dtype=np.uint8)
@@ -604,7 +604,7 @@ def test_diverging_loss_stops_training_naming_the_step_and_keeping_the_last_good
     # An absurd learning rate: the first update sends the weights so far that step 2's loss is NaN.
     config = TrainConfig(steps=5, lr=1e30, optimizer="sgd", checkpoint_every=1, progress=False)
     with pytest.raises(TrainingDivergedError) as info:
-        train({}, image, mask, None, None, config, checkpoint_dir=tmp_path)
+        train({}, [TrainRegion("train", image, mask)], [], config, checkpoint_dir=tmp_path)
     message = str(info.value)
     assert "the loss became nan at step 2" in message and str(tmp_path / "last.npz") in message
     assert "train.lr" in message

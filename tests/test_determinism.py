@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from gigaseg.training import TrainConfig, train
+from gigaseg.training import TrainConfig, TrainRegion, train
 
 
 def blobs(height: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +32,7 @@ def test_two_runs_give_bit_identical_losses_and_weights(tmp_path, tiling):
     image, mask = blobs(128, 256, seed=1)
     config = TrainConfig(steps=3, lr=0.01, loss="dice_bce", val_every=100, checkpoint_every=100, progress=False,
                          seed=5, **tiling)
-    runs = [train(SMALL, image, mask, None, None, config, checkpoint_dir=tmp_path / str(i)) for i in range(2)]
+    runs = [train(SMALL, [TrainRegion("train", image, mask)], [], config, checkpoint_dir=tmp_path / str(i)) for i in range(2)]
     losses = [[h["loss"] for h in run.history] for run in runs]
     assert len(losses[0]) == 3
     assert losses[0] == losses[1]  # exact float equality, step by step
@@ -40,7 +40,7 @@ def test_two_runs_give_bit_identical_losses_and_weights(tmp_path, tiling):
     if tiling["tiled"] == "always":
         return
     # A different seed starts elsewhere: the equality above is not vacuous.
-    other = train(SMALL, image, mask, None, None, TrainConfig(**{**config.__dict__, "seed": 6}),
+    other = train(SMALL, [TrainRegion("train", image, mask)], [], TrainConfig(**{**config.__dict__, "seed": 6}),
                   checkpoint_dir=tmp_path / "other")
     assert [h["loss"] for h in other.history] != losses[0]
 

@@ -99,12 +99,12 @@ def _tiny_region(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _train(tmp_path: Path, out: str, steps: int, layout: dict = TINY, resume: Path | None = None):
-    from gigaseg.training import TrainConfig, train
+    from gigaseg.training import TrainConfig, TrainRegion, train
 
     image, mask = _tiny_region()
     # A constant rate, whatever the number of steps (a warm-up makes it a schedule, another optimizer state).
     config = TrainConfig(steps=steps, lr=0.01, warmup_steps=0, val_every=100, checkpoint_every=1, progress=False, seed=3)
-    return train(layout, image, mask, None, None, config, checkpoint_dir=tmp_path / out, resume=resume)
+    return train(layout, [TrainRegion("train", image, mask)], [], config, checkpoint_dir=tmp_path / out, resume=resume)
 
 
 def test_resume_from_a_checkpoint_of_another_model_layout_is_refused_naming_the_variable(tmp_path):

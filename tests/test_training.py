@@ -10,7 +10,7 @@ import pytest
 
 from gigaseg.checkpoint import load_checkpoint
 from gigaseg.errors import ConfigError, MemoryPlanError
-from gigaseg.training import TrainConfig, learning_rate, train
+from gigaseg.training import TrainConfig, TrainRegion, learning_rate, train
 
 
 class Recorder:
@@ -53,7 +53,7 @@ def test_dice_improves_over_the_first_steps(tmp_path):
     # Seed 6 starts from a network that misses the tissue (hard Dice 0.01 at step 1); with the
     # default input range [-6, 1] some seeds start near Dice 1 on these easy blobs.
     config = TrainConfig(steps=16, lr=0.02, loss="dice_bce", val_every=8, checkpoint_every=8, progress=False, seed=6)
-    result = train(SMALL, image, mask, val_image, val_mask, config, checkpoint_dir=tmp_path, logger=recorder)
+    result = train(SMALL, [TrainRegion("train", image, mask)], [TrainRegion("val", val_image, val_mask)], config, checkpoint_dir=tmp_path, logger=recorder)
     losses = [h["loss"] for h in result.history]
     assert len(losses) == 16
     assert losses[-1] < losses[0] - 0.1, losses
@@ -73,9 +73,8 @@ def test_dice_improves_over_the_first_steps(tmp_path):
 def test_tiled_and_plain_runs_give_the_same_losses(tmp_path):
     image, mask = blobs(256, 512, seed=4)
     common = dict(steps=4, lr=0.02, val_every=4, checkpoint_every=4, progress=False, seed=0)
-    plain = train(SMALL, image, mask, None, None, TrainConfig(tiled="never", **common), checkpoint_dir=tmp_path / "p")
-    tiled = train(
-        SMALL, image, mask, None, None, TrainConfig(tiled="always", tile_size=128, **common), checkpoint_dir=tmp_path / "t"
+    plain = train(SMALL, [TrainRegion("train", image, mask)], [], TrainConfig(tiled="never", **common), checkpoint_dir=tmp_path / "p")
+    tiled = train(SMALL, [TrainRegion("train", image, mask)], [], TrainConfig(tiled="always", tile_size=128, **common), checkpoint_dir=tmp_path / "t"
     )
     assert tiled.tiled and not plain.tiled
     assert tiled.history[0]["tiles"] == 8
@@ -84,11 +83,10 @@ def test_tiled_and_plain_runs_give_the_same_losses(tmp_path):
 
 def test_resume_continues_from_the_checkpoint(tmp_path):
     image, mask = blobs(128, 512, seed=5)
-    common = dict(lr=0.02, val_every=100, checkpoint_every=3, progress=False, seed=0)
-    full = train(SMALL, image, mask, None, None, TrainConfig(steps=6, **common), checkpoint_dir=tmp_path / "full")
-    train(SMALL, image, mask, None, None, TrainConfig(steps=3, **common), checkpoint_dir=tmp_path / "half")
-    resumed = train(
-        SMALL, image, mask, None, None, TrainConfig(steps=6, **common),
+    common = dict(lr=0.02, warmup_steps=0, val_every=100, checkpoint_every=3, progress=False, seed=0)
+    full = train(SMALL, [TrainRegion("train", image, mask)], [], TrainConfig(steps=6, **common), checkpoint_dir=tmp_path / "full")
+    train(SMALL, [TrainRegion("train", image, mask)], [], TrainConfig(steps=3, **common), checkpoint_dir=tmp_path / "half")
+    resumed = train(SMALL, [TrainRegion("train", image, mask)], [], TrainConfig(steps=6, **common),
         checkpoint_dir=tmp_path / "half", resume=tmp_path / "half" / "last.npz",
     )
     assert [h["step"] for h in resumed.history] == list(range(1, 7))
@@ -108,7 +106,7 @@ def test_learning_rate_warms_up_then_decays():
     assert rates[-1] < 0.001
     constant = learning_rate(TrainConfig(steps=10, lr=0.01, warmup_steps=2))
     np.testing.assert_allclose([float(constant(i)) for i in range(6)], [0.01 / 3, 0.02 / 3, 0.01, 0.01, 0.01, 0.01], rtol=1e-6)
-    assert learning_rate(TrainConfig(steps=10, lr=0.01)) == 0.01
+    assert learning_rate(TrainConfig(steps=10, lr=0.01, warmup_steps=0)) == 0.01
     # A run shorter than its warm-up still reaches the full rate at its last step.
     short = learning_rate(TrainConfig(steps=3, lr=0.01, warmup_steps=5))
     np.testing.assert_allclose([float(short(i)) for i in range(3)], [0.01 / 3, 0.02 / 3, 0.01], rtol=1e-6)
@@ -133,10 +131,10 @@ def test_resume_in_the_middle_of_a_schedule_matches_an_uninterrupted_run(tmp_pat
     config = TrainConfig(steps=6, lr=0.02, lr_schedule="cosine", warmup_steps=2, val_every=100, checkpoint_every=3,
                          progress=False)
     step3 = tmp_path / "step3.npz"
-    full = train(SMALL, image, mask, None, None, config, checkpoint_dir=tmp_path / "full",
+    full = train(SMALL, [TrainRegion("train", image, mask)], [], config, checkpoint_dir=tmp_path / "full",
                  logger=KeepFirstCheckpoint(step3))
     assert load_checkpoint(step3).step == 3
-    resumed = train(SMALL, image, mask, None, None, config, checkpoint_dir=tmp_path / "resumed", resume=step3)
+    resumed = train(SMALL, [TrainRegion("train", image, mask)], [], config, checkpoint_dir=tmp_path / "resumed", resume=step3)
     assert [h["step"] for h in resumed.history] == list(range(1, 7))
     # Same learning rates after the resume: the optimizer's iteration count came back with it.
     np.testing.assert_allclose([h["loss"] for h in resumed.history], [h["loss"] for h in full.history], rtol=1e-6)
@@ -156,8 +154,8 @@ def test_training_through_a_one_replica_strategy_matches_the_tiled_run(tmp_path)
     """The distributed path of train(): state and tile size broadcast, sums all-reduced (one replica here)."""
     image, mask = blobs(256, 512, seed=4)
     common = dict(steps=3, lr=0.02, val_every=3, checkpoint_every=3, progress=False, seed=0, tile_size=128)
-    alone = train(SMALL, image, mask, None, None, TrainConfig(**common), checkpoint_dir=tmp_path / "a")
-    spread = train(SMALL, image, mask, None, None, TrainConfig(**common), checkpoint_dir=tmp_path / "s",
+    alone = train(SMALL, [TrainRegion("train", image, mask)], [], TrainConfig(**common), checkpoint_dir=tmp_path / "a")
+    spread = train(SMALL, [TrainRegion("train", image, mask)], [], TrainConfig(**common), checkpoint_dir=tmp_path / "s",
                    replicas=_one_replica())
     assert [h["loss"] for h in spread.history] == [h["loss"] for h in alone.history]
     for a, b in zip(load_checkpoint(tmp_path / "s" / "last.npz").weights, load_checkpoint(tmp_path / "a" / "last.npz").weights):
@@ -167,7 +165,7 @@ def test_training_through_a_one_replica_strategy_matches_the_tiled_run(tmp_path)
 def test_a_plain_step_cannot_be_spread_over_replicas(tmp_path):
     image, mask = blobs(128, 256, seed=6)
     with pytest.raises(ConfigError, match="train.tiled=never .*cannot be spread over replicas"):
-        train(SMALL, image, mask, None, None, TrainConfig(steps=1, tiled="never", progress=False),
+        train(SMALL, [TrainRegion("train", image, mask)], [], TrainConfig(steps=1, tiled="never", progress=False),
               checkpoint_dir=tmp_path, replicas=_one_replica())
     assert not (tmp_path / "last.npz").exists()
 
@@ -176,7 +174,7 @@ def test_memory_estimate_refuses_an_impossible_plain_step(tmp_path):
     image, mask = blobs(128, 256, seed=6)
     config = TrainConfig(steps=1, tiled="never", memory_budget_mb=1, progress=False)
     with pytest.raises(MemoryPlanError) as info:
-        train(SMALL, image, mask, None, None, config, checkpoint_dir=tmp_path)
+        train(SMALL, [TrainRegion("train", image, mask)], [], config, checkpoint_dir=tmp_path)
     message = str(info.value)
     assert "GiB" in message and "available" in message
     assert "train.tiled" in message
@@ -186,4 +184,4 @@ def test_memory_estimate_refuses_an_impossible_plain_step(tmp_path):
 def test_bad_train_config_is_refused_with_the_option_name(tmp_path):
     image, mask = blobs(128, 256, seed=7)
     with pytest.raises(ConfigError, match="train.optimizer"):
-        train(SMALL, image, mask, None, None, TrainConfig(optimizer="lbfgs"), checkpoint_dir=tmp_path)
+        train(SMALL, [TrainRegion("train", image, mask)], [], TrainConfig(optimizer="lbfgs"), checkpoint_dir=tmp_path)

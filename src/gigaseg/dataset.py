@@ -16,6 +16,7 @@ from typing import Any
 
 from gigaseg.atomic import atomic_path
 from gigaseg.errors import ConfigError, RegionError
+from gigaseg.options import DEFAULT_PAD_VALUE
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,29 @@ def _check_int(option: str, value: object, *, minimum: int) -> None:
         raise ConfigError(f"{option} must be {what}, got {value!r}")
 
 
-def _check_region(region: "RegionRequest") -> None:
+def _check_region(region: "RegionRequest", where: str = "data.regions") -> None:
     """Refuse a region whose name could leave the dataset folder, or whose numbers make no rectangle."""
     name = str(region.name)
     if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ConfigError(f"data.regions: region name {name!r} must be a plain folder name (no '/', not '.' or '..')")
-    where = f"data.regions.{name}"
-    _check_int(f"{where}.x", region.x, minimum=0)
-    _check_int(f"{where}.y", region.y, minimum=0)
-    _check_int(f"{where}.width", region.width, minimum=1)
-    _check_int(f"{where}.height", region.height, minimum=1)
+        raise ConfigError(f"{where}: region name {name!r} must be a plain folder name (no '/', not '.' or '..')")
+    where = f"{where}.{name}"
+    if region.kind not in REGION_KINDS:
+        raise ConfigError(f"{where}.kind '{region.kind}' is unknown; choose one of {', '.join(REGION_KINDS)}")
+    if region.kind == "rect":
+        _check_int(f"{where}.x", region.x, minimum=0)
+        _check_int(f"{where}.y", region.y, minimum=0)
+        _check_int(f"{where}.width", region.width, minimum=1)
+        _check_int(f"{where}.height", region.height, minimum=1)
+    elif region.kind == "auto":
+        for key in ("width", "height"):
+            if getattr(region, key) is not None:
+                _check_int(f"{where}.{key}", getattr(region, key), minimum=1)
+        _check_int(f"{where}.count", region.count, minimum=1)
+        if not 0.0 <= float(region.min_tissue) <= 1.0:
+            raise ConfigError(f"{where}.min_tissue must be a fraction in [0, 1], got {region.min_tissue!r}")
+    elif region.kind == "annotations" and not region.annotation_class:
+        raise ConfigError(f"{where}.annotation_class names the QuPath class whose annotations' boxes are the regions "
+                          "(e.g. Region); give it")
     if region.level is not None:
         _check_int(f"{where}.level", region.level, minimum=0)
     if region.mpp is not None and (isinstance(region.mpp, bool) or not isinstance(region.mpp, numbers.Real)
@@ -57,18 +71,45 @@ class SyntheticRecipe:
     tile_size: int = 512
 
 
+#: How a region is given: a rectangle; the whole level; chosen on tissue; the boxes of annotations.
+REGION_KINDS = ("rect", "whole", "auto", "annotations")
+#: The study's region (height, width): the default size of ``auto`` regions.
+STUDY_REGION = (16000, 64000)
+
+
 @dataclass(frozen=True)
 class RegionRequest:
-    """One named region of the dataset, and its own mask file for ``image`` masks."""
+    """One named region of a slide, at a ``level`` or a target ``mpp``, and its own mask file for ``image`` masks.
+
+    ``kind`` says how the rectangle is found:
+
+    - ``rect``: ``x``, ``y`` (level-0 pixels) and ``width``, ``height`` (pixels at the region's resolution);
+    - ``whole``: the whole level (padded to the total stride like any region);
+    - ``auto``: up to ``count`` regions of ``width`` x ``height`` (default the study's 64000 x 16000,
+      per axis at most the level), aligned to the total stride, chosen greedily by tissue
+      fraction on a low-resolution Otsu estimate, without overlap, none under ``min_tissue``;
+    - ``annotations``: the bounding box of every QuPath annotation of class ``annotation_class``
+      in the slide's GeoJSON (``data.mask.path``, or ``annotations_path``).
+    """
 
     name: str
-    x: int
-    y: int
-    width: int
-    height: int
+    x: int = 0
+    y: int = 0
+    width: int | None = None
+    height: int | None = None
     level: int | None = 0
     mpp: float | None = None
     mask_path: str | None = None
+    kind: str = "rect"
+    count: int = 1
+    min_tissue: float = 0.25
+    annotation_class: str | None = None
+    annotations_path: str | None = None
+
+    def rectangle(self) -> dict[str, Any]:
+        """The fields that say which pixels a ``rect`` region holds (what a prepared region's manifest records)."""
+        return {"name": self.name, "x": self.x, "y": self.y, "width": self.width, "height": self.height,
+                "level": self.level, "mpp": self.mpp, "mask_path": self.mask_path}
 
 
 @dataclass
@@ -81,6 +122,10 @@ class DatasetSpec:
     mask_source: str = "synthetic"
     mask_path: Path | None = None
     classes: list[str] | None = None
+    #: Which QuPath classes are tissue, background or ignore (GeoJSON labels); None: ``classes`` are tissue.
+    labels: Any = None
+    #: A value of ``image`` masks that means "not labelled" (prepared as 255).
+    ignore_value: int | None = None
     synthetic: SyntheticRecipe | None = None
     fit: str = "pad"
     pad_value: tuple[int, int, int] = (242, 242, 242)
@@ -94,8 +139,11 @@ class DatasetSpec:
             )
         if self.mask_source in ("synthetic", "geojson") and self.mask_path is None:
             raise ConfigError(f"data.mask.path is required for mask source '{self.mask_source}'")
-        if self.mask_source == "synthetic" and self.synthetic is None:
-            raise ConfigError("data.mask.source=synthetic needs a synthetic slide (data.slide.synthetic)")
+        if self.mask_source == "synthetic" and self.synthetic is None and not Path(self.mask_path).is_file():
+            raise ConfigError(f"data.mask.source=synthetic needs a synthetic slide recipe (data.slide.synthetic) "
+                              f"or the generator's truth mask; {self.mask_path} does not exist")
+        if self.labels is not None:
+            self.labels.validate(where="data.mask")
         if self.fit not in FIT_MODES:
             raise ConfigError(f"data.fit '{self.fit}' is unknown; choose one of {', '.join(FIT_MODES)}")
         if self.synthetic is not None:
@@ -195,9 +243,11 @@ def mask_source_for(spec: DatasetSpec, region: RegionRequest):
     if spec.mask_source == "geojson":
         from gigaseg.data.geojson import GeoJSONMask
 
+        if spec.labels is not None:
+            return GeoJSONMask(spec.mask_path, labels=spec.labels)
         return GeoJSONMask(spec.mask_path, classes=spec.classes)
     if spec.mask_source == "image":
-        return masks.MaskImage(region.mask_path)
+        return masks.MaskImage(region.mask_path, ignore_value=spec.ignore_value)
     from gigaseg.data.bootstrap import BootstrapMask
 
     return BootstrapMask()
@@ -211,7 +261,8 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
 
     spec.validate()
     recipe, regions = spec.synthetic, list(spec.regions)
-    if spec.max_region is not None:
+    rectangles = all(r.kind == "rect" for r in regions)
+    if spec.max_region is not None and rectangles:
         if recipe is not None:
             recipe, regions = shrunk_synthetic(recipe, regions, spec.max_region)
         else:
@@ -219,13 +270,20 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
     recipe = ensure_synthetic_slide(spec, recipe, progress=progress)
     manifests: dict[str, dict] = {}
     with open_slide(spec.slide_path) as reader:
+        if not rectangles:
+            from gigaseg.data.region_kinds import resolve
+
+            geojson = spec.mask_path if spec.mask_source == "geojson" else None
+            regions = [capped(r, spec.max_region) for r in resolve(reader, tuple(regions), total_stride, geojson)]
         for region in regions:
             out = spec.out_dir / region.name
             request = {
-                "region": asdict(region),
+                "region": region.rectangle(),
                 "mask_source": spec.mask_source,
                 "mask_path": None if spec.mask_path is None else str(spec.mask_path),
                 "classes": spec.classes,
+                "labels": None if spec.labels is None else spec.labels.describe(),
+                "ignore_value": spec.ignore_value,
                 "fit": spec.fit,
                 "pad_value": list(spec.pad_value),
                 "total_stride": total_stride,
@@ -265,3 +323,71 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
                 raise RegionError(f"data.regions.{region.name}: {exc}") from exc
             log.info("prepared region %s in %s", region.name, out)
     return manifests
+
+
+def prepare_cohort(
+    cohort,
+    out_dir: Path,
+    *,
+    total_stride: int,
+    fit: str = "pad",
+    pad_value: tuple[int, int, int] = DEFAULT_PAD_VALUE,
+    max_region: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Prepare every region of every slide of a :class:`gigaseg.data.cohort.Cohort` and write its index.
+
+    A slide's regions go to ``out_dir/<slide name>/<region name>/`` (the single-slide form:
+    ``out_dir/<region name>/``); regions already prepared from the same request are kept.
+    Returns the index entries (also written to ``out_dir/cohort.json``).
+    """
+    from tqdm.auto import tqdm
+
+    from gigaseg.data.cohort import SingleSlide, write_index
+    from gigaseg.errors import GigasegError
+
+    cohort.validate()
+    entries: list[dict] = []
+    for slide in tqdm(cohort.slides, desc="slides", unit="slide", disable=not progress or len(cohort.slides) < 2):
+        folder = out_dir if isinstance(slide, SingleSlide) else out_dir / slide.name
+        spec = slide_spec(slide, folder, fit=fit, pad_value=pad_value, max_region=max_region)
+        try:
+            manifests = prepare_dataset(spec, total_stride=total_stride, progress=progress)
+        except GigasegError as exc:
+            if str(exc).startswith(("slide ", f"{slide.path}")) or len(cohort.slides) == 1:
+                raise
+            raise type(exc)(f"slide {slide.name}: {exc}") from exc
+        for name, manifest in manifests.items():
+            entries.append({
+                "slide": slide.name, "region": name, "split": slide.region_split(RegionRequest(name=name)),
+                "dir": str((folder / name).relative_to(out_dir)) if folder != out_dir else name,
+                "slide_path": str(slide.path),
+            })
+    write_index(out_dir, entries)
+    return entries
+
+
+def slide_spec(slide, folder: Path, *, fit: str = "pad", pad_value: tuple[int, int, int] = DEFAULT_PAD_VALUE,
+               max_region: tuple[int, int] | None = None) -> DatasetSpec:
+    """The DatasetSpec of one cohort slide, prepared into ``folder``."""
+    labels = slide.labels
+    return DatasetSpec(
+        out_dir=folder, slide_path=slide.path, regions=list(slide.regions), mask_source=labels.source,
+        mask_path=labels.path, classes=None if labels.classes is None else list(labels.classes),
+        labels=labels.label_classes(), ignore_value=labels.ignore_value,
+        synthetic=slide.synthetic, fit=fit, pad_value=pad_value, max_region=max_region,
+    )
+
+
+def ensure_synthetic_slides(cohort, *, max_region: tuple[int, int] | None = None, progress: bool = True) -> list[dict]:
+    """Generate every synthetic slide of a cohort (shrunk as ``max_region`` asks), nothing else; their recipes."""
+    made = []
+    for slide in cohort.slides:
+        if slide.synthetic is None:
+            continue
+        spec = slide_spec(slide, slide.path.parent, max_region=max_region)
+        recipe = spec.synthetic
+        if max_region is not None and all(r.kind == "rect" for r in spec.regions):
+            recipe, _ = shrunk_synthetic(recipe, list(spec.regions), max_region)
+        made.append(ensure_synthetic_slide(spec, recipe, progress=progress))
+    return made

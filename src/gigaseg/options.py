@@ -44,7 +44,12 @@ class UNetLayout:
 class TrainConfig:
     """The knobs of a training run (the ``train`` config group): one optimiser step per whole region."""
 
-    steps: int = 30
+    #: Optimizer steps of the run; or epochs (give exactly one of the two; train.steps=null with epochs).
+    steps: int | None = 30
+    #: Epochs over the training regions (each visited once per epoch, in a seeded shuffled order).
+    epochs: int | None = None
+    #: Regions per optimizer step (the mean of their gradients); 1 is the study's batch size 1.
+    accumulate: int = 1
     lr: float = 0.01
     #: constant | cosine (decays to 0 at the last step)
     lr_schedule: str = "constant"
@@ -69,12 +74,25 @@ class TrainConfig:
     memory_fraction: float = 0.6
     progress: bool = True
 
+    def total_steps(self, regions: int) -> int:
+        """Optimizer steps of the run over ``regions`` training regions."""
+        if self.steps is not None:
+            return int(self.steps)
+        return int(self.epochs) * -(-int(regions) // int(self.accumulate))
+
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid option."""
         from gigaseg.losses import LOSSES
 
-        if self.steps <= 0:
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError(f"give exactly one of train.steps and train.epochs (got steps={self.steps}, "
+                              f"epochs={self.epochs}); e.g. train.epochs=5 train.steps=null")
+        if self.steps is not None and self.steps <= 0:
             raise ConfigError(f"train.steps must be positive, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"train.epochs must be positive, got {self.epochs}")
+        if self.accumulate <= 0:
+            raise ConfigError(f"train.accumulate must be positive, got {self.accumulate}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
         if self.lr_schedule not in SCHEDULES:

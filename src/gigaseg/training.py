@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,25 @@ class RunLogger(Protocol):
 
 
 @dataclass
+class TrainRegion:
+    """A region to train or validate on: its key (``slide/region``), pixels (H x W x 3 uint8) and labels (H x W)."""
+
+    key: str
+    image: Any
+    mask: Any
+
+    @property
+    def pixels(self) -> int:
+        return int(self.image.shape[0]) * int(self.image.shape[1])
+
+
+@dataclass
 class TrainResult:
-    """What a run produced: final numbers, per-step history and where things were written."""
+    """What a run produced: final numbers, per-step history and where things were written.
+
+    ``model`` holds the best weights by pooled validation Dice when there was validation
+    (``best_step``, ``best_checkpoint``), else the last; ``checkpoint`` is the last checkpoint.
+    """
 
     metrics: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -49,9 +67,11 @@ class TrainResult:
     tiled: bool = False
     tile_size: tuple[int, int] | None = None
     model: Any = None
+    best_step: int | None = None
+    best_checkpoint: Path | None = None
 
 
-def learning_rate(config: TrainConfig):
+def learning_rate(config: TrainConfig, total_steps: int | None = None):
     """The learning rate or schedule: linear warm-up, then constant or cosine decay to 0.
 
     With ``w`` warm-up steps, step ``i`` (from 1) uses ``lr * i / (w + 1)`` for ``i <= w``.
@@ -59,12 +79,13 @@ def learning_rate(config: TrainConfig):
     """
     import keras
 
-    warmup = min(config.warmup_steps, config.steps - 1)
+    steps = config.steps if total_steps is None else total_steps
+    warmup = min(config.warmup_steps, steps - 1)
     if config.lr_schedule == "constant" and warmup == 0:
         return config.lr
     # alpha=1 keeps the rate constant after the warm-up.
     cosine = config.lr_schedule == "cosine"
-    decay, alpha = (config.steps - warmup, 0.0) if cosine else (1, 1.0)
+    decay, alpha = (steps - warmup, 0.0) if cosine else (1, 1.0)
     if warmup == 0:
         return keras.optimizers.schedules.CosineDecay(config.lr, decay, alpha=alpha)
     return keras.optimizers.schedules.CosineDecay(
@@ -163,18 +184,43 @@ def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig, rep
     return TiledEngine(model, loss=config.loss, tile_size=plan.tile_size, halo=plan.halo), plan
 
 
+BEST = "best.npz"
+
+
 def validate(engine, image: np.ndarray, mask: np.ndarray, *, threshold: float) -> tuple[float, np.ndarray]:
     """Hard Dice of the model on a region (tiled forward passes), and the probabilities."""
     probability = engine.predict(image)
     return count(probability, mask, threshold=threshold).scores()["dice"], probability
 
 
+def metric_key(name: str) -> str:
+    """A region's key as MLflow allows it in a metric name (letters, digits, ``_ - . / :`` and spaces)."""
+    return re.sub(r"[^A-Za-z0-9_\-./: ]", "_", name)
+
+
+def validate_regions(engine, regions: list[TrainRegion], *, threshold: float) -> tuple[dict[str, float], np.ndarray]:
+    """Validation metrics over every region: ``val_dice`` pooled over all their pixels, ``val_dice_mean``
+    over regions, ``val_dice/<slide>/<region>`` each; and the first region's probabilities (for a picture)."""
+    pooled = None
+    metrics: dict[str, float] = {}
+    first = None
+    for region in regions:
+        probability = engine.predict(region.image)
+        counts = count(probability, region.mask, threshold=threshold)
+        metrics[f"val_dice/{metric_key(region.key)}"] = counts.scores()["dice"]
+        pooled = counts if pooled is None else pooled + counts
+        if first is None:
+            first = probability
+    per_region = list(metrics.values())
+    metrics["val_dice"] = pooled.scores()["dice"]
+    metrics["val_dice_mean"] = float(np.mean(per_region))
+    return metrics, first
+
+
 def train(
     model_kwargs: dict[str, Any],
-    train_image: np.ndarray,
-    train_mask: np.ndarray,
-    val_image: np.ndarray | None,
-    val_mask: np.ndarray | None,
+    train_regions: list[TrainRegion],
+    val_regions: list[TrainRegion],
     config: TrainConfig,
     *,
     checkpoint_dir: Path | None,
@@ -182,111 +228,146 @@ def train(
     logger: RunLogger | None = None,
     replicas=None,
 ) -> TrainResult:
-    """Train ``build_unet(**model_kwargs)`` on one region, one optimizer step per pass.
+    """Train ``build_unet(**model_kwargs)`` on a cohort's regions, one optimizer step per ``accumulate`` regions.
 
-    ``train_image`` is H x W x 3 uint8 and ``train_mask`` H x W 0/1, numpy arrays or
-    memory maps; the validation pair may be None. Checkpoints go to ``checkpoint_dir``
-    (None: none written) every ``checkpoint_every`` steps and at the end; ``resume``
-    continues from one. With ``replicas`` (:func:`gigaseg.distributed.make_replicas`) every
-    step's tiles are spread over the replicas of a distributed run; call ``train`` on every
-    worker, with the same arguments except that only the chief passes a logger, a checkpoint
-    folder, ``resume`` and validation data (the chief's state is broadcast at the start).
+    An epoch visits every training region once in an order drawn from ``train.seed`` and
+    the epoch (:mod:`gigaseg.epochs`); the run lasts ``train.steps`` steps or ``train.epochs``
+    epochs. Validation every ``val_every`` steps and at the end covers every validation
+    region; the best weights by pooled validation Dice are kept (``best.npz``) and returned.
+    Checkpoints go to ``checkpoint_dir`` (None: none written) every ``checkpoint_every``
+    steps and at the end; ``resume`` continues from one, in the same order. With ``replicas``
+    (:func:`gigaseg.distributed.make_replicas`) every step's tiles are spread over them; call
+    ``train`` on every worker with the same training regions; only the chief passes a
+    logger, a checkpoint folder, ``resume`` and validation regions.
     """
     from tqdm.auto import tqdm
 
+    from gigaseg.epochs import step_regions, steps_per_epoch
     from gigaseg.model import build_unet
 
     config.validate()
+    if not train_regions:
+        raise ConfigError("no training region: the cohort needs at least one region in split train")
+    total = config.total_steps(len(train_regions))
     # Traced graphs of an earlier run in this process (a sweep's jobs) are reference cycles
     # that only a full collection frees; without one, every run adds ~10 MB until it comes.
     gc.collect()
     seed_everything(config.seed)
     model = build_unet(**model_kwargs)
-    optimizer = build_optimizer(config.optimizer, learning_rate(config))
+    optimizer = build_optimizer(config.optimizer, learning_rate(config, total))
     optimizer.build(model.trainable_variables)
-    height, width = train_image.shape[:2]
     if replicas is not None and not replicas.is_chief and (logger is not None or checkpoint_dir is not None):
         raise ValueError("only the chief of a distributed run logs and writes checkpoints")
-    engine, plan = choose_engine(model, (height, width), config, replicas)
+    # One engine for every region: tiles planned for the largest height and width.
+    largest = (max(int(r.image.shape[0]) for r in train_regions), max(int(r.image.shape[1]) for r in train_regions))
+    engine, plan = choose_engine(model, largest, config, replicas)
     tile_size = plan.tile_size if plan is not None else None
     val_engine = None
-    if val_image is not None:
+    if val_regions:
         from gigaseg.streaming import TiledEngine
 
         # One engine for every validation, so its compiled forward pass is reused.
-        val_tile = tile_size or _val_tile_size(model, val_image, config)
+        val_tile = tile_size or _val_tile_size(model, max((r.image.shape[:2] for r in val_regions), key=lambda s: s[0] * s[1]), config)
         val_engine = TiledEngine(model, loss=config.loss, tile_size=val_tile)
 
     history: list[dict[str, Any]] = []
     start = 0
+    best = {"dice": -1.0, "step": None, "weights": None, "path": None}
     if resume is not None:
         checkpoint = load_checkpoint(resume)
         restore(checkpoint, model, optimizer)
         start, history = checkpoint.step, checkpoint.history
         log.info("resumed from %s at step %d", resume, start)
+        _resume_best(Path(resume).parent / BEST, best)
     if replicas is not None:
         start = replicas.sync_state(model, optimizer, start)
     last_checkpoint = resume
-    mpx = height * width / 1e6
     val_probability = None
-    val_dice = None
+    val_metrics: dict[str, float] = {}
+    log.info("training on %d region(s), %d step(s) per epoch, %d step(s)", len(train_regions),
+             steps_per_epoch(len(train_regions), config.accumulate), total)
 
-    steps = tqdm(range(start, config.steps), total=config.steps, initial=start, desc="train", unit="step",
-                 disable=not config.progress)
+    steps = tqdm(range(start, total), total=total, initial=start, desc="train", unit="step", disable=not config.progress)
     for index in steps:
         step = index + 1
+        epoch, chosen = step_regions(index, len(train_regions), config.accumulate, config.seed)
         sysinfo.reset_peak_rss()
         t0 = time.perf_counter()
-        bar = None
-        progress = None
-        if plan is not None and plan.tiles > 1 and config.progress:
-            bar = tqdm(total=plan.tiles * engine.passes, desc=f"step {step} tiles x passes", unit="tile", leave=False)
-            progress = _bar_progress(bar)
-        result = engine.step(train_image, train_mask, progress=progress)
-        if bar is not None:
-            bar.close()
-        finite_gradients = all(np.isfinite(g).all() for g in result.gradients)
-        if not (math.isfinite(result.loss) and finite_gradients):
-            what = f"the loss became {result.loss}" if not math.isfinite(result.loss) else "a gradient became NaN or infinite"
+        losses, dices, data_time, tiles, gradients = [], [], 0.0, 0, None
+        for i in chosen:
+            region = train_regions[i]
+            bar = progress = None
+            if plan is not None and plan.tiles > 1 and config.progress:
+                bar = tqdm(total=plan.tiles * engine.passes, desc=f"step {step} {region.key}", unit="tile", leave=False)
+                progress = _bar_progress(bar)
+            result = engine.step(region.image, region.mask, progress=progress)
+            if bar is not None:
+                bar.close()
+            losses.append(result.loss)
+            dices.append(result.dice)
+            data_time += result.data_time_s
+            tiles += result.tiles
+            gradients = list(result.gradients) if gradients is None else [g + h for g, h in zip(gradients, result.gradients)]
+        gradients = [g / len(chosen) for g in gradients]
+        loss = float(np.mean(losses))
+        finite_gradients = all(np.isfinite(g).all() for g in gradients)
+        if not (math.isfinite(loss) and finite_gradients):
+            what = f"the loss became {loss}" if not math.isfinite(loss) else "a gradient became NaN or infinite"
             where = (f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint
                      else "; no checkpoint was written yet (a lower train.checkpoint_every keeps more)")
             raise TrainingDivergedError(f"{what} at step {step} (no update applied){where}; lower train.lr or check the data")
-        optimizer.apply_gradients(zip(result.gradients, model.trainable_variables))
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         step_time = time.perf_counter() - t0
+        mpx = sum(train_regions[i].pixels for i in chosen) / 1e6
         record: dict[str, Any] = {
             "step": step,
-            "loss": result.loss,
-            "dice": result.dice,
+            "epoch": epoch,
+            "loss": loss,
+            "dice": float(np.mean(dices)),
             "step_time_s": step_time,
-            "data_time_s": result.data_time_s,
+            "data_time_s": data_time,
             "peak_rss_mb": sysinfo.peak_rss_mb(),
             "mpx_per_s": mpx / step_time if step_time > 0 else float("nan"),
-            "tiles": result.tiles,
+            "tiles": tiles,
         }
-        if val_image is not None and (step % config.val_every == 0 or step == config.steps):
-            val_dice, val_probability = validate(val_engine, val_image, val_mask, threshold=config.threshold)
-            record["val_dice"] = val_dice
+        if val_regions and (step % config.val_every == 0 or step == total):
+            val_metrics, val_probability = validate_regions(val_engine, val_regions, threshold=config.threshold)
+            record.update(val_metrics)
+            if val_metrics["val_dice"] > best["dice"]:
+                best.update(dice=val_metrics["val_dice"], step=step, weights=[w.copy() for w in model.get_weights()])
+                if checkpoint_dir is not None:
+                    best["path"] = save_checkpoint(Path(checkpoint_dir) / BEST, model, optimizer, step, history,
+                                                   extra={"val_dice": val_metrics["val_dice"]})
         history.append(record)
         if logger is not None:
             logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
-        steps.set_postfix(loss=f"{result.loss:.4f}", dice=f"{result.dice:.3f}",
-                          **({"val": f"{val_dice:.3f}"} if val_dice is not None else {}))
-        if checkpoint_dir is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+        steps.set_postfix(loss=f"{loss:.4f}", dice=f"{record['dice']:.3f}",
+                          **({"val": f"{val_metrics['val_dice']:.3f}"} if val_metrics else {}))
+        if checkpoint_dir is not None and (step % config.checkpoint_every == 0 or step == total):
             last_checkpoint = save_checkpoint(Path(checkpoint_dir) / LAST, model, optimizer, step, history)
             if logger is not None:
                 logger.log_artifact(last_checkpoint, "checkpoints")
     steps.close()
 
-    if val_image is not None and val_probability is None:
-        val_dice, val_probability = validate(val_engine, val_image, val_mask, threshold=config.threshold)
+    if val_regions and val_probability is None:
+        val_metrics, val_probability = validate_regions(val_engine, val_regions, threshold=config.threshold)
     final = history[-1] if history else {}
     metrics = {
         "loss": float(final.get("loss", float("nan"))),
         "dice": float(final.get("dice", float("nan"))),
-        "steps": float(config.steps),
+        "steps": float(total),
     }
-    if val_dice is not None:
-        metrics["val_dice"] = float(val_dice)
+    metrics.update({k: float(v) for k, v in val_metrics.items()})
+    if best["weights"] is not None:
+        metrics["best_val_dice"], metrics["best_step"] = float(best["dice"]), float(best["step"])
+        if best["step"] != final.get("step"):
+            log.info("keeping the weights of step %d (pooled validation Dice %.4f), not the last step's",
+                     best["step"], best["dice"])
+            model.set_weights(best["weights"])
+            # The picture shows the model that is kept.
+            val_probability = val_engine.predict(val_regions[0].image)
+        if logger is not None and best["path"] is not None:
+            logger.log_artifact(best["path"], "checkpoints")
     times = [h["step_time_s"] for h in history[1:]] or [h["step_time_s"] for h in history]
     if times:
         metrics["median_step_time_s"] = float(np.median(times))
@@ -299,7 +380,24 @@ def train(
         tiled=plan is not None,
         tile_size=tile_size,
         model=model,
+        best_step=best["step"],
+        best_checkpoint=best["path"],
     )
+
+
+def _resume_best(path: Path, best: dict) -> None:
+    """The best weights so far of a run being resumed (its ``best.npz`` beside the checkpoint), if any."""
+    if not path.is_file():
+        return
+    from gigaseg.checkpoint import CheckpointError
+
+    try:
+        saved = load_checkpoint(path)
+    except CheckpointError as exc:
+        log.warning("not using %s as the best weights so far: %s", path, exc)
+        return
+    if "val_dice" in saved.extra:
+        best.update(dice=float(saved.extra["val_dice"]), step=saved.step, weights=list(saved.weights), path=path)
 
 
 def _bar_progress(bar):
@@ -312,11 +410,9 @@ def _bar_progress(bar):
     return progress
 
 
-def _val_tile_size(model, image: np.ndarray | None, config: TrainConfig):
+def _val_tile_size(model, shape: tuple[int, int], config: TrainConfig):
     """Forward-only tiles for validation: the largest that the memory budget allows."""
     from gigaseg.streaming import plan_tile_size
 
-    if image is None:
-        return None
-    plan = plan_tile_size(model, image.shape[:2], budget_bytes=_budget_bytes(config), tile_size=config.tile_size)
+    plan = plan_tile_size(model, tuple(shape), budget_bytes=_budget_bytes(config), tile_size=config.tile_size)
     return plan.tile_size

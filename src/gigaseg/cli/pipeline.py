@@ -58,41 +58,41 @@ def write_sections(config: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
-def make_slide(config: dict[str, Any]) -> dict | None:
-    """Generate the dataset's synthetic slide (shrunk as ``data.max_region`` asks), nothing else."""
-    from gigaseg.cli.prepare import dataset_spec
-    from gigaseg.dataset import ensure_synthetic_slide, shrunk_synthetic
+def make_slide(config: dict[str, Any]) -> list[dict]:
+    """Generate the cohort's synthetic slides (shrunk as ``data.max_region`` asks), nothing else."""
+    from gigaseg.cli.prepare import cohort_from_config
+    from gigaseg.dataset import ensure_synthetic_slides
 
-    spec = dataset_spec(config["data"])
-    spec.validate()
-    if spec.synthetic is None:
-        raise ConfigError(f"data '{config['data'].get('name')}' has no synthetic slide recipe; the slide stage only makes synthetic slides")
-    recipe = spec.synthetic
-    if spec.max_region is not None:
-        recipe, _ = shrunk_synthetic(recipe, list(spec.regions), spec.max_region)
-    return ensure_synthetic_slide(spec, recipe, progress=True)
+    data = config["data"]
+    cohort = cohort_from_config(data)
+    if not any(slide.synthetic is not None for slide in cohort.slides):
+        raise ConfigError(f"data '{data.get('name')}' has no synthetic slide recipe; the slide stage only makes synthetic slides")
+    max_region = None if data.get("max_region") is None else tuple(data["max_region"])
+    return ensure_synthetic_slides(cohort, max_region=max_region, progress=True)
 
 
 def score(config: dict[str, Any], checkpoint: Path) -> dict[str, float]:
-    """Dice, IoU, precision and recall of a checkpoint's model on the prepared validation region."""
-    from gigaseg.checkpoint import load_checkpoint
-    from gigaseg.cli.train import model_kwargs, train_config
-    from gigaseg.data import load_region
-    from gigaseg.evaluation import count
+    """Validation metrics of a checkpoint's model over the prepared cohort's validation regions."""
+    from gigaseg.checkpoint import load_checkpoint, restore_weights
+    from gigaseg.cli.train import cohort_regions, model_kwargs, train_config
     from gigaseg.model import build_unet
     from gigaseg.streaming import TiledEngine, available_memory_bytes, plan_tile_size
+    from gigaseg.training import validate_regions
 
     train = train_config(config["train"])
-    region = load_region(Path(config["data"]["dir"]) / "val")
+    _, regions, _ = cohort_regions(Path(config["data"]["dir"]))
+    if not regions:
+        raise ConfigError("the prepared cohort has no validation region to score; put a slide in split val")
     state = load_checkpoint(checkpoint)
     model = build_unet(**model_kwargs(config["model"]))
-    model.set_weights(state.weights)
+    restore_weights(state, model)
     budget = (train.memory_budget_mb * 2**20 if train.memory_budget_mb
               else available_memory_bytes() * train.memory_fraction)
-    plan = plan_tile_size(model, region.image.shape[:2], budget_bytes=int(budget), tile_size=train.tile_size)
-    probability = TiledEngine(model, loss=train.loss, tile_size=plan.tile_size).predict(region.image)
-    scores = count(probability, region.mask, threshold=train.threshold).scores()
-    return {**{f"val_{k}": float(v) for k, v in scores.items()}, "step": state.step}
+    largest = max((r.image.shape[:2] for r in regions), key=lambda shape: shape[0] * shape[1])
+    plan = plan_tile_size(model, largest, budget_bytes=int(budget), tile_size=train.tile_size)
+    metrics, _ = validate_regions(TiledEngine(model, loss=train.loss, tile_size=plan.tile_size), regions,
+                                  threshold=train.threshold)
+    return {**metrics, "step": state.step}
 
 
 def main(argv: list[str] | None = None) -> int:

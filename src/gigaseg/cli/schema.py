@@ -16,6 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from gigaseg.data.labels import LabelClasses
 from gigaseg.dataset import DatasetSpec, RegionRequest, SyntheticRecipe
 from gigaseg.distributed import DistributedConfig
 from gigaseg.options import DEFAULT_PAD_VALUE, PredictOptions, TrainConfig, UNetLayout
@@ -48,7 +49,8 @@ def mirror(cls: type, name: str, *, drop: tuple[str, ...] = (), replace: dict[st
     return made
 
 
-RegionSchema = mirror(RegionRequest, "RegionSchema", drop=("name",))
+# A region's name is its key under data.regions, or given (else its kind) in a list of regions.
+RegionSchema = mirror(RegionRequest, "RegionSchema", replace={"name": (Optional[str], None)})
 SyntheticSchema = mirror(SyntheticRecipe, "SyntheticSchema")
 
 
@@ -74,8 +76,8 @@ class MlflowSchema:
 
 @dataclass
 class SlideSchema:
-    #: Any slide OpenSlide opens.
-    path: str = MISSING
+    #: Any slide OpenSlide opens (the single-slide form; a cohort lists slides, a glob or a table instead).
+    path: Optional[str] = None
     #: Generate the slide from this recipe when it is missing; None for a real slide.
     synthetic: Optional[SyntheticSchema] = None  # type: ignore[valid-type]
 
@@ -85,22 +87,63 @@ class MaskSchema:
     #: synthetic (the generator's truth) | geojson (QuPath export) | image | bootstrap (Otsu)
     source: str = DatasetSpec.mask_source
     path: Optional[str] = None
-    #: GeoJSON classes counted as tissue; None: every annotation.
+    #: GeoJSON: QuPath classes counted as tissue; None: every class not named below (unclassified: tissue).
     classes: Optional[list[str]] = None
+    #: GeoJSON: classes that are background (a lumen, a hole) and classes not to learn from (label 255).
+    #: Overlaps resolve ignore > background > tissue.
+    background_classes: list[str] = field(default_factory=list)
+    ignore_classes: list[str] = field(default_factory=list)
+    #: GeoJSON: what pixels outside every annotation are: background, or ignore for sparse annotations.
+    unannotated: str = LabelClasses.unannotated
+    #: Mask images: a value that means "not labelled" (0/1 or 0/255 keep meaning tissue).
+    ignore_value: Optional[int] = None
+
+
+@dataclass
+class CohortSlideSchema:
+    """One slide of data.slides."""
+
+    #: Any slide OpenSlide opens.
+    path: str = MISSING
+    #: Its folder under data.dir, and how metrics name it; None: the file name without its extension.
+    name: Optional[str] = None
+    #: train | val | test
+    split: str = "train"
+    #: Its labels; None: data.mask ({stem} in data.mask.path becomes the slide's file stem).
+    mask: Optional[MaskSchema] = None
+    #: Its regions; None: data.slide_regions.
+    regions: Optional[list[RegionSchema]] = None  # type: ignore[valid-type]
+    #: Generate the slide from this recipe when it is missing.
+    synthetic: Optional[SyntheticSchema] = None  # type: ignore[valid-type]
 
 
 @dataclass
 class DataSchema:
+    """A cohort: data.slides, data.glob or data.table; or one slide (data.slide) with data.regions."""
+
     name: str = MISSING
     dir: str = "${paths.data_dir}/${data.name}"
+    #: The cohort as a list of slides, each with its split.
+    slides: list[CohortSlideSchema] = field(default_factory=list)
+    #: Or a folder or glob of slides: every slide is in train but those named in val_slides / test_slides.
+    glob: Optional[str] = None
+    val_slides: list[str] = field(default_factory=list)
+    test_slides: list[str] = field(default_factory=list)
+    #: Or a CSV/YAML table: columns slide, split, and optionally name, mask_source, mask_path, regions, mpp.
+    table: Optional[str] = None
+    #: The regions of a cohort slide that names none.
+    slide_regions: list[RegionSchema] = field(  # type: ignore[valid-type]
+        default_factory=lambda: [RegionSchema(name="auto", kind="auto")])
+    #: The single-slide form: one slide, regions named train (and val, test) under data.regions.
     slide: SlideSchema = field(default_factory=SlideSchema)
+    regions: dict[str, RegionSchema] = field(default_factory=dict)  # type: ignore[valid-type]
+    #: Labels of every slide that gives none of its own.
     mask: MaskSchema = field(default_factory=MaskSchema)
     #: Regions must be multiples of the model's total stride: pad (with pad_value) or crop.
     fit: str = DatasetSpec.fit
     pad_value: tuple[int, ...] = DEFAULT_PAD_VALUE
     #: Cap region sizes (height, width); debug=smoke sets it.
     max_region: Optional[tuple[int, ...]] = None
-    regions: dict[str, RegionSchema] = field(default_factory=dict)  # type: ignore[valid-type]
 
 
 @dataclass

@@ -135,7 +135,7 @@ def sweep_job() -> tuple[str | None, dict[str, str]]:
 def run(cfg: DictConfig) -> float | None:
     """Train as the composed config says; returns the final validation Dice (for sweepers)."""
     from gigaseg.atomic import atomic_path
-    from gigaseg.data import load_region
+    from gigaseg.data.cohort import INDEX_NAME
     from gigaseg.data.manifest import file_sha256
     from gigaseg.plots import overlay_png, plot_curves
     from gigaseg.tracking import (
@@ -157,9 +157,8 @@ def run(cfg: DictConfig) -> float | None:
 
     data_dir = Path(plain["data"]["dir"])
     if not os.environ.get(LAUNCHED):  # local workers find what their launcher prepared
-        prepare_missing(cfg, data_dir, plain["data"].get("regions") or {})
-    train_region = load_region(data_dir / "train")
-    val_region = load_region(data_dir / "val") if (data_dir / "val").exists() else None
+        prepare_missing(cfg, data_dir)
+    train_regions, val_regions, loaded = cohort_regions(data_dir)
     if distributed.local_workers and not os.environ.get(LAUNCHED):
         check_tracking_store(tracking_uri)  # fail now, not once the workers are up
         return launch_workers(distributed, overrides, output_dir)
@@ -172,27 +171,30 @@ def run(cfg: DictConfig) -> float | None:
     build_unet(**kwargs)  # a model config that cannot be built fails here, before any run is opened
     if replicas is not None and not replicas.is_chief:
         # Other workers compute their share of every step and write nothing shared.
-        train(kwargs, train_region.image, train_region.mask, None, None, config, checkpoint_dir=None, replicas=replicas)
-        log.info("worker finished its %d steps", config.steps)
+        train(kwargs, train_regions, [], config, checkpoint_dir=None, replicas=replicas)
+        log.info("worker finished its %d steps", config.total_steps(len(train_regions)))
         return None
     check_tracking_store(tracking_uri)
 
+    first = loaded[0]
+    digests = [file_sha256(region.path / "manifest.json") for region in loaded]
     tags = {
         "gigaseg.overrides": " ".join(overrides) or "(none)",
         "gigaseg.data_dir": str(data_dir),
-        "gigaseg.train_manifest_sha256": file_sha256(train_region.path / "manifest.json"),
+        "gigaseg.train_slides": str(len({r.key.split("/")[0] for r in train_regions})),
+        "gigaseg.train_regions": str(len(train_regions)),
+        "gigaseg.val_slides": str(len({r.key.split("/")[0] for r in val_regions})),
+        "gigaseg.val_regions": str(len(val_regions)),
+        "gigaseg.train_manifest_sha256": digests[0],
         **git_state(root),
     }
     digest = dvc_data_digest(root / "data.dvc", data_dir)
     if digest:
         tags["gigaseg.data_dvc_md5"] = digest
-    tags["gigaseg.train_manifest"] = json.dumps(train_region.manifest, sort_keys=True)[:5000]
+    tags["gigaseg.train_manifest"] = json.dumps(first.manifest, sort_keys=True)[:5000]
     params = flatten_config({k: v for k, v in plain.items() if k != "hydra"})
     params["overrides"] = " ".join(overrides) or "(none)"
-    manifests = [tags["gigaseg.train_manifest_sha256"]]
-    if val_region is not None:
-        manifests.append(file_sha256(val_region.path / "manifest.json"))
-    cfg_hash = config_hash(params, manifests)
+    cfg_hash = config_hash(params, digests)
     tags.update({"gigaseg.config_hash": cfg_hash, "gigaseg.checkpoint_dir": str(output_dir / "checkpoints"),
                  **process_tags()})
     parent_id, sweep_tags = sweep_job()
@@ -219,15 +221,13 @@ def run(cfg: DictConfig) -> float | None:
         ) as tracked:
             log.info("MLflow run %s in %s%s", tracked.run_id, tracking_uri, f" (sweep parent {parent_id})" if parent_id else "")
             tracked.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            tracked.log_artifact(train_region.path / "manifest.json", "data/train")
-            if val_region is not None:
-                tracked.log_artifact(val_region.path / "manifest.json", "data/val")
+            tracked.log_artifact(data_dir / INDEX_NAME, "data")
+            for region in loaded:
+                tracked.log_artifact(region.path / "manifest.json", f"data/{region.path.relative_to(data_dir)}")
             result = train(
                 kwargs,
-                train_region.image,
-                train_region.mask,
-                None if val_region is None else val_region.image,
-                None if val_region is None else val_region.mask,
+                train_regions,
+                val_regions,
                 config,
                 checkpoint_dir=output_dir / "checkpoints",
                 resume=checkpoint,
@@ -235,19 +235,22 @@ def run(cfg: DictConfig) -> float | None:
                 replicas=replicas,
             )
             tracked.set_tags({"gigaseg.tiled": str(result.tiled), "gigaseg.tile_size": str(result.tile_size),
-                              "gigaseg.replicas": replicas.describe() if replicas is not None else "1"})
+                              "gigaseg.replicas": replicas.describe() if replicas is not None else "1",
+                              "gigaseg.last_checkpoint": str(result.checkpoint),
+                              **({"gigaseg.best_checkpoint": str(result.best_checkpoint),
+                                  "gigaseg.best_step": str(result.best_step)} if result.best_step else {})})
             curves = plot_curves(result.history, output_dir / "curves.png")
             tracked.log_artifact(curves, "plots")
-            if val_region is not None and result.val_probability is not None:
-                overlay = overlay_png(val_region.image, result.val_probability, val_region.mask,
+            if val_regions and result.val_probability is not None:
+                overlay = overlay_png(val_regions[0].image, result.val_probability, val_regions[0].mask,
                                       output_dir / "val_overlay.png", threshold=config.threshold)
                 tracked.log_artifact(overlay, "plots")
             summary = {f"final_{k}": v for k, v in result.metrics.items()}
             with atomic_path(output_dir / "metrics.json") as tmp:
                 tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-            tracked.log_metrics(summary, step=config.steps)
+            tracked.log_metrics(summary, step=int(result.metrics["steps"]))
             if plain["train"].get("log_model", True):
-                manifest = train_region.manifest
+                manifest = first.manifest
                 region = manifest.get("region", {})
                 uri = tracked.log_model(
                     result.model,
@@ -264,15 +267,44 @@ def run(cfg: DictConfig) -> float | None:
     return result.metrics.get("val_dice")
 
 
-def prepare_missing(cfg: DictConfig, data_dir: Path, regions: dict[str, Any]) -> None:
-    """Prepare the train and val regions first when they are not in ``data_dir`` yet, as ``mlflow run .`` does."""
-    from gigaseg.cli.prepare import run as prepare
+def prepare_missing(cfg: DictConfig, data_dir: Path) -> None:
+    """Prepare the cohort's regions that are missing or changed before training, as ``mlflow run .`` does.
 
-    missing = [name for name in ("train", "val") if name in regions and not (data_dir / name / "manifest.json").is_file()]
+    Preparing keeps every region already prepared from the same request, so when nothing
+    changed this only reads the slides' headers.
+    """
+    from gigaseg.cli.prepare import run as prepare
+    from gigaseg.data.cohort import INDEX_NAME, read_index
+    from gigaseg.errors import ConfigError
+
+    try:
+        missing = [e["dir"] for e in read_index(data_dir) if not (data_dir / e["dir"] / "manifest.json").is_file()]
+    except ConfigError:
+        missing = [INDEX_NAME]
     if missing:
-        log.info("region(s) %s not prepared in %s yet: preparing them now (gigaseg-prepare with the same overrides)",
-                 ", ".join(missing), data_dir)
-        prepare(cfg)
+        log.info("regions not prepared in %s yet (%s): preparing them now (gigaseg-prepare with the same overrides)",
+                 data_dir, ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    prepare(cfg)
+
+
+def cohort_regions(data_dir: Path):
+    """The prepared cohort's training and validation regions (as ``TrainRegion``), and every loaded region."""
+    from gigaseg.data import load_region
+    from gigaseg.data.cohort import read_index
+    from gigaseg.errors import ConfigError
+    from gigaseg.training import TrainRegion
+
+    regions: dict[str, list] = {"train": [], "val": []}
+    loaded: dict[str, list] = {"train": [], "val": []}
+    for entry in read_index(data_dir):
+        if entry["split"] in regions:
+            region = load_region(data_dir / entry["dir"])
+            loaded[entry["split"]].append(region)
+            regions[entry["split"]].append(
+                TrainRegion(key=f"{entry['slide']}/{entry['region']}", image=region.image, mask=region.mask))
+    if not regions["train"]:
+        raise ConfigError(f"the cohort prepared in {data_dir} has no training region; put a slide in split train")
+    return regions["train"], regions["val"], loaded["train"] + loaded["val"]
 
 
 def distributed_config(node: dict[str, Any] | None):
