@@ -7,7 +7,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gigaseg.tracking import MlflowRun, TrackingError, check_tracking_store, dvc_data_digest, flatten_config, git_state
+from gigaseg.tracking import MlflowRun, TrackingError, check_tracking_store, flatten_config, git_state
 
 from conftest import ROOT
 
@@ -56,12 +56,8 @@ def test_store_in_a_missing_folder_is_refused(tmp_path):
         check_tracking_store(f"sqlite:///{tmp_path}/nope/mlflow.db")
 
 
-def test_git_state_and_dvc_digest(tmp_path):
+def test_git_state():
+    # The data digest has its own tests (test_data_digest.py): it needs a real DVC repository.
     state = git_state(ROOT)
     assert len(state["gigaseg.git_commit"]) == 40
     assert state["gigaseg.git_dirty"] in ("True", "False")
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data.dvc").write_text("outs:\n- md5: abc123.dir\n  path: data\n")
-    assert dvc_data_digest(tmp_path / "data.dvc", tmp_path / "data") == "abc123.dir"
-    assert dvc_data_digest(tmp_path / "data.dvc", tmp_path / "data" / "demo") == "abc123.dir"
-    assert dvc_data_digest(tmp_path / "data.dvc", tmp_path / "other") is None

@@ -6,6 +6,8 @@ through ``log_metrics`` / ``log_artifact`` and never sees MLflow itself.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -90,7 +92,12 @@ def git_state(root: Path) -> dict[str, str]:
 
 
 def dvc_data_digest(dvc_file: Path, data_dir: Path) -> str | None:
-    """The md5 DVC records for ``data_dir`` in ``dvc_file``, if that file tracks it."""
+    """The md5 DVC records in ``dvc_file`` for the folder holding ``data_dir``, if the files on disk have it.
+
+    A run is tagged with a data version only when that is the data it reads: when the folder
+    was edited or regenerated differently, this logs why and returns None. The comparison is
+    ``dvc status``'s own, which rehashes only files whose size or mtime DVC has not seen.
+    """
     if not dvc_file.is_file():
         return None
     import yaml
@@ -102,8 +109,52 @@ def dvc_data_digest(dvc_file: Path, data_dir: Path) -> str | None:
     for out in (spec or {}).get("outs", []):
         tracked = (dvc_file.parent / out.get("path", "")).resolve()
         if tracked == data_dir.resolve() or tracked in data_dir.resolve().parents:
-            return out.get("md5")
+            digest = out.get("md5")
+            reason = _dvc_difference(dvc_file, tracked) if digest else "it records no md5"
+            if reason is None:
+                return digest
+            log.warning("%s does not match %s (%s): the run gets no data digest tag", tracked, dvc_file, reason)
+            return None
     return None
+
+
+def _dvc_difference(dvc_file: Path, folder: Path) -> str | None:
+    """Why ``folder`` on disk differs from what ``dvc_file`` records, or None when it does not."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(dvc_file.parent)) as repo:
+            stage = repo.stage.load_one(str(dvc_file))
+            out = next((o for o in stage.outs if Path(o.fs_path).resolve() == folder), None)
+            if out is None:
+                return f"DVC does not read {folder} as one of its outputs"
+            status = out.workspace_status().get(str(out))
+            manifest = Path(out.cache.oid_to_path(out.hash_info.value)) if status == "modified" else None
+    except DvcException as exc:
+        return f"DVC cannot compare them: {exc}"
+    if status is None:
+        return None
+    if manifest is None or not manifest.is_file():
+        return status
+    # DVC's cache keeps the recorded folder's listing: name the files that differ.
+    recorded = {entry["relpath"]: entry["md5"] for entry in json.loads(manifest.read_text())}
+    on_disk = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    changed = [name for name, path in on_disk.items() if name in recorded and _md5(path) != recorded[name]]
+    parts = [
+        ("changed", changed),
+        ("missing", sorted(set(recorded) - set(on_disk))),
+        ("not recorded", sorted(set(on_disk) - set(recorded))),
+    ]
+    return "; ".join(f"{what}: {', '.join(names)}" for what, names in parts if names) or status
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)  # DVC's file hash, not a security check
+    with path.open("rb") as f:
+        while chunk := f.read(2**22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class MlflowRun:
