@@ -123,8 +123,7 @@ def test_every_variable_is_stored_under_its_keras_path(tmp_path):
     assert weights[:2] == ["weights/down1/kernel", "weights/down1/bias"]
     slots = [n for n in names if n.startswith(OPTIMIZER)]
     assert len(slots) == len(optimizer.variables)
-    # Under the optimizer's class, not its per-process name.
-    assert optimizer.name.startswith("adam_")
+    # Under the optimizer's class, not its per-process name (adam_1, ... in newer Keras releases).
     assert {"optimizer/adam/iteration", "optimizer/adam/down1_kernel_momentum", "optimizer/adam/down1_kernel_velocity"} <= set(slots)
     checkpoint = load_checkpoint(path)
     assert checkpoint.weight_names == [v.path for v in model.trainable_variables]

@@ -29,7 +29,8 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from gigaseg.errors import ConfigError, MaskError
+from gigaseg.errors import MaskError
+from gigaseg.options import AugmentConfig
 
 #: RGB from stain optical densities (rows: haematoxylin, eosin, DAB), Ruifrok and Johnston
 #: (2001), as ``skimage.color.rgb_from_hed``; its inverse takes optical densities to stains.
@@ -101,45 +102,6 @@ class Augmentation:
             values[f"hed_shift_{stain}"] = shift
         values.update(brightness=self.brightness, contrast=self.contrast, saturation=self.saturation)
         return values
-
-
-@dataclass
-class AugmentConfig:
-    """The augmentation settings of a training run; :func:`draw` turns them into each region's :class:`Augmentation`.
-
-    Every amplitude ``a`` means a uniform draw in ``[-a, a]``: stain scales ``1 + u * hed_sigma``
-    and shifts ``u * hed_shift`` (as Tellez et al. 2018), brightness ``u * brightness`` (of 255),
-    contrast and saturation factors ``1 + u * amplitude``. ``flips`` allows the eight flips and
-    quarter turns, each equally likely. Off by default, so that adding these settings to a run
-    changes nothing until they are switched on.
-    """
-
-    enabled: bool = False
-    flips: bool = True
-    hed_sigma: float = 0.05
-    hed_shift: float = 0.01
-    brightness: float = 0.05
-    contrast: float = 0.1
-    saturation: float = 0.1
-
-    def validate(self) -> None:
-        """ConfigError naming the first setting out of its range."""
-        limits = {
-            "hed_sigma": (0.0, 1.0, False),
-            "hed_shift": (0.0, 1.0, True),
-            "brightness": (0.0, 1.0, True),
-            "contrast": (0.0, 1.0, False),
-            "saturation": (0.0, 1.0, True),
-        }
-        for name, (low, high, closed) in limits.items():
-            value = getattr(self, name)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not (number and low <= value and (value <= high if closed else value < high)):
-                bracket = "]" if closed else ")"
-                raise ConfigError(f"augment.{name} must be a number in [{low:g}, {high:g}{bracket}, got {value!r}")
-        for name in ("enabled", "flips"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"augment.{name} must be true or false, got {getattr(self, name)!r}")
 
 
 def _generator(seed: int, epoch: int, region_key: str) -> np.random.Generator:

@@ -8,7 +8,7 @@ This module imports neither TensorFlow nor Hydra: a config is checked before eit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gigaseg.errors import ConfigError
 
@@ -38,6 +38,45 @@ class UNetLayout:
     decoder_filters: tuple[int, ...] | None = None
     activation: str = "relu"
     input_range: tuple[float, ...] = (-6.0, 1.0)
+
+
+@dataclass
+class AugmentConfig:
+    """The augmentation settings of a training run; :func:`draw` turns them into each region's :class:`Augmentation`.
+
+    Every amplitude ``a`` means a uniform draw in ``[-a, a]``: stain scales ``1 + u * hed_sigma``
+    and shifts ``u * hed_shift`` (as Tellez et al. 2018), brightness ``u * brightness`` (of 255),
+    contrast and saturation factors ``1 + u * amplitude``. ``flips`` allows the eight flips and
+    quarter turns, each equally likely. Off by default, so that adding these settings to a run
+    changes nothing until they are switched on.
+    """
+
+    enabled: bool = False
+    flips: bool = True
+    hed_sigma: float = 0.05
+    hed_shift: float = 0.01
+    brightness: float = 0.05
+    contrast: float = 0.1
+    saturation: float = 0.1
+
+    def validate(self) -> None:
+        """ConfigError naming the first setting out of its range."""
+        limits = {
+            "hed_sigma": (0.0, 1.0, False),
+            "hed_shift": (0.0, 1.0, True),
+            "brightness": (0.0, 1.0, True),
+            "contrast": (0.0, 1.0, False),
+            "saturation": (0.0, 1.0, True),
+        }
+        for name, (low, high, closed) in limits.items():
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and low <= value and (value <= high if closed else value < high)):
+                bracket = "]" if closed else ")"
+                raise ConfigError(f"train.augment.{name} must be a number in [{low:g}, {high:g}{bracket}, got {value!r}")
+        for name in ("enabled", "flips"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"train.augment.{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -73,6 +112,8 @@ class TrainConfig:
     memory_budget_mb: float | None = None
     memory_fraction: float = 0.6
     progress: bool = True
+    #: Flips, quarter turns and colour changes of each region, drawn from (seed, epoch, region).
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def total_steps(self, regions: int) -> int:
         """Optimizer steps of the run over ``regions`` training regions."""
@@ -117,6 +158,7 @@ class TrainConfig:
             raise ConfigError(f"train.memory_budget_mb must be positive, got {self.memory_budget_mb}")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ConfigError(f"train.memory_fraction must lie in (0, 1], got {self.memory_fraction}")
+        self.augment.validate()
 
 
 @dataclass(frozen=True)

@@ -242,6 +242,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    from gigaseg.augment import TransformedRegion, draw
     from gigaseg.epochs import step_regions, steps_per_epoch
     from gigaseg.model import build_unet
 
@@ -258,8 +259,11 @@ def train(
     optimizer.build(model.trainable_variables)
     if replicas is not None and not replicas.is_chief and (logger is not None or checkpoint_dir is not None):
         raise ValueError("only the chief of a distributed run logs and writes checkpoints")
-    # One engine for every region: tiles planned for the largest height and width.
+    # One engine for every region: tiles planned for the largest height and width (either way round
+    # when quarter turns may swap them).
     largest = (max(int(r.image.shape[0]) for r in train_regions), max(int(r.image.shape[1]) for r in train_regions))
+    if config.augment.enabled and config.augment.flips:
+        largest = (max(largest), max(largest))
     engine, plan = choose_engine(model, largest, config, replicas)
     tile_size = plan.tile_size if plan is not None else None
     val_engine = None
@@ -296,11 +300,14 @@ def train(
         losses, dices, data_time, tiles, gradients = [], [], 0.0, 0, None
         for i in chosen:
             region = train_regions[i]
+            image, mask = region.image, region.mask
+            if config.augment.enabled:
+                image, mask = TransformedRegion(image, mask, draw(config.augment, config.seed, epoch, region.key))
             bar = progress = None
             if plan is not None and plan.tiles > 1 and config.progress:
                 bar = tqdm(total=plan.tiles * engine.passes, desc=f"step {step} {region.key}", unit="tile", leave=False)
                 progress = _bar_progress(bar)
-            result = engine.step(region.image, region.mask, progress=progress)
+            result = engine.step(image, mask, progress=progress)
             if bar is not None:
                 bar.close()
             losses.append(result.loss)
