@@ -649,7 +649,7 @@ def test_pickled_arrays_are_never_loaded(tmp_path):
 
 
 def test_slide_names_never_make_output_folders_outside_the_output_dir(tmp_path):
-    from gigaseg.cli.predict import _stem
+    from gigaseg.data.cohort import slide_name as _stem
 
     out = tmp_path / "out"
     for slide in ("...svs", "..svs", "../../etc/x.svs", ".hidden.svs", "/data/a b/c;d.ndpi", "....tiff"):

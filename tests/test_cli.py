@@ -58,6 +58,12 @@ def test_smoke_prepare_and_train_log_everything(workspace):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2, 3], key
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")] == [3]
+    # The demo cohort: four training slides, two held-out validation slides, a metric for each.
+    assert (tags["gigaseg.train_slides"], tags["gigaseg.val_slides"]) == ("4", "2")
+    for slide in ("s4", "s5"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"val_dice/{slide}/whole")] == [3]
+    (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+    assert dataset.name == "demo" and len(dataset.digest) >= 16 and "prepared" in dataset.source
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "plots", "checkpoints", "data"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
@@ -65,7 +71,7 @@ def test_smoke_prepare_and_train_log_everything(workspace):
 
     # The logged model reloads through both flavours and predicts what the final weights predict.
     model_uri = tags["gigaseg.model_uri"]
-    val = load_region(tmp_path / "data" / "smoke" / "demo" / "val")
+    val = load_region(tmp_path / "data" / "smoke" / "demo" / "prepared" / "s4" / "whole")
     x = np.asarray(val.image)[np.newaxis]
     checkpoint = load_checkpoint(Path(client.download_artifacts(run.info.run_id, "checkpoints/last.npz", str(tmp_path))))
     reference = build_unet()
@@ -82,8 +88,12 @@ def test_train_prepares_missing_regions_first(workspace):
     assert result.returncode == 0, result.stderr[-3000:]
     said = result.stdout + result.stderr  # Hydra's log handler writes to stdout
     assert "not prepared in" in said and "preparing them now" in said
-    for name in ("train", "val"):
-        assert (tmp_path / "data" / "smoke" / "demo" / name / "manifest.json").is_file()
+    from gigaseg.data.cohort import read_index
+
+    prepared = tmp_path / "data" / "smoke" / "demo" / "prepared"
+    entries = read_index(prepared)
+    assert {e["split"] for e in entries} == {"train", "val"}
+    assert all((prepared / e["dir"] / "manifest.json").is_file() for e in entries)
     # TensorFlow's start-up lines are dropped unless verbose=true.
     assert "oneDNN" not in said and "cuda" not in said.lower()
 

@@ -84,7 +84,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(tmp_path):
 
     # Changing a value in conf/ re-runs only what depends on it.
     default = project / "conf" / "train" / "default.yaml"
-    default.write_text(default.read_text().replace("threshold: 0.5", "threshold: 0.6"))
+    default.write_text(default.read_text() + "threshold: 0.6\n")
     third = _run(*dvc, "repro", cwd=project, env=env)
     assert "Running stage 'train'" in third and "Running stage 'evaluate'" in third
     assert "Running stage 'slide'" not in third and "Running stage 'prepare'" not in third

@@ -80,11 +80,11 @@ def test_wheel_in_a_fresh_venv_trains_predicts_and_evaluates_from_an_empty_folde
     assert "oneDNN" not in said
     model_uri = re.search(r"model logged as (\S+)", said).group(1)
     data = work / "data" / "smoke" / "demo"
-    assert (data / "train" / "manifest.json").is_file() and (work / "mlflow.db").is_file()
+    assert (data / "prepared" / "cohort.json").is_file() and (work / "mlflow.db").is_file()
 
-    run("gigaseg-predict", f"model_uri={model_uri}", f"slide={data / 'slide.tiff'}", f"output_dir={work / 'pred'}")
+    run("gigaseg-predict", f"model_uri={model_uri}", f"slide={data / 'slides' / 's4.tiff'}", f"output_dir={work / 'pred'}")
     assert (work / "pred" / "mask.tiff").is_file() and (work / "pred" / "outlines.geojson").is_file()
-    scored = run("gigaseg-evaluate", f"prediction={work / 'pred'}", f"reference={data / 'slide_mask.tiff'}",
+    scored = run("gigaseg-evaluate", f"prediction={work / 'pred'}", f"reference={data / 'slides' / 's4_mask.tiff'}",
                  f"output_dir={work / 'eval'}")
     assert "dice" in scored.stdout and (work / "eval" / "evaluation.json").is_file()
 

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import numbers
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,14 @@ def shrunk_synthetic(
     return SyntheticRecipe(**{**asdict(recipe), "height": height, "width": width}), scaled
 
 
+def shrunk_slide(recipe: SyntheticRecipe, max_region: tuple[int, int]) -> SyntheticRecipe:
+    """The same synthetic recipe at most twice ``max_region`` (height, width) large, for shrunk runs
+    whose regions are found on the slide (``whole``, ``auto``) rather than given."""
+    height = min(recipe.height, max(64, 2 * int(max_region[0]) // 64 * 64))
+    width = min(recipe.width, max(64, 2 * int(max_region[1]) // 64 * 64))
+    return SyntheticRecipe(**{**asdict(recipe), "height": height, "width": width})
+
+
 def ensure_synthetic_slide(spec: DatasetSpec, recipe: SyntheticRecipe | None, *, progress: bool) -> dict | None:
     """Generate the dataset's synthetic slide and truth mask unless the same recipe exists."""
     from gigaseg.slides.synthetic import write_synthetic_slide
@@ -267,6 +276,8 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
             recipe, regions = shrunk_synthetic(recipe, regions, spec.max_region)
         else:
             regions = [capped(r, spec.max_region) for r in regions]
+    elif spec.max_region is not None and recipe is not None:
+        recipe = shrunk_slide(recipe, spec.max_region)
     recipe = ensure_synthetic_slide(spec, recipe, progress=progress)
     manifests: dict[str, dict] = {}
     with open_slide(spec.slide_path) as reader:
@@ -337,19 +348,19 @@ def prepare_cohort(
 ) -> list[dict]:
     """Prepare every region of every slide of a :class:`gigaseg.data.cohort.Cohort` and write its index.
 
-    A slide's regions go to ``out_dir/<slide name>/<region name>/`` (the single-slide form:
-    ``out_dir/<region name>/``); regions already prepared from the same request are kept.
+    A slide's regions go to ``out_dir/<slide name>/<region name>/``; regions already prepared
+    from the same request are kept.
     Returns the index entries (also written to ``out_dir/cohort.json``).
     """
     from tqdm.auto import tqdm
 
-    from gigaseg.data.cohort import SingleSlide, write_index
+    from gigaseg.data.cohort import write_index
     from gigaseg.errors import GigasegError
 
     cohort.validate()
     entries: list[dict] = []
     for slide in tqdm(cohort.slides, desc="slides", unit="slide", disable=not progress or len(cohort.slides) < 2):
-        folder = out_dir if isinstance(slide, SingleSlide) else out_dir / slide.name
+        folder = out_dir / slide.name
         spec = slide_spec(slide, folder, fit=fit, pad_value=pad_value, max_region=max_region)
         try:
             manifests = prepare_dataset(spec, total_stride=total_stride, progress=progress)
@@ -360,8 +371,9 @@ def prepare_cohort(
         for name, manifest in manifests.items():
             entries.append({
                 "slide": slide.name, "region": name, "split": slide.region_split(RegionRequest(name=name)),
-                "dir": str((folder / name).relative_to(out_dir)) if folder != out_dir else name,
-                "slide_path": str(slide.path),
+                "dir": f"{slide.name}/{name}",
+                # Relative, so that the index of a cohort inside the project is the same in any checkout.
+                "slide_path": os.path.relpath(slide.path, out_dir),
             })
     write_index(out_dir, entries)
     return entries
@@ -389,5 +401,7 @@ def ensure_synthetic_slides(cohort, *, max_region: tuple[int, int] | None = None
         recipe = spec.synthetic
         if max_region is not None and all(r.kind == "rect" for r in spec.regions):
             recipe, _ = shrunk_synthetic(recipe, list(spec.regions), max_region)
+        elif max_region is not None:
+            recipe = shrunk_slide(recipe, max_region)
         made.append(ensure_synthetic_slide(spec, recipe, progress=progress))
     return made

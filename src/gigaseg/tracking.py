@@ -265,6 +265,16 @@ class MlflowRun:
 
         mlflow.log_text(text, artifact_file)
 
+    def log_dataset(self, name: str, uri: str, digest: str, *, context: str = "training",
+                    tags: Mapping[str, str] | None = None) -> None:
+        """Record the data a run used as an MLflow input dataset (shown in the run's "Datasets used")."""
+        import mlflow
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+
+        dataset = MetaDataset(LocalArtifactDatasetSource(uri), name=name, digest=digest)
+        mlflow.log_input(dataset, context=context, tags={k: str(v) for k, v in (tags or {}).items()})
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         import mlflow
 

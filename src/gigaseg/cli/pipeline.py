@@ -80,7 +80,7 @@ def score(config: dict[str, Any], checkpoint: Path) -> dict[str, float]:
     from gigaseg.training import validate_regions
 
     train = train_config(config["train"])
-    _, regions, _ = cohort_regions(Path(config["data"]["dir"]))
+    _, regions, _ = cohort_regions(Path(config["data"]["prepared_dir"]))
     if not regions:
         raise ConfigError("the prepared cohort has no validation region to score; put a slide in split val")
     state = load_checkpoint(checkpoint)

@@ -6,7 +6,6 @@ slide) before Hydra parses the command line, so any Hydra launcher (joblib, subm
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import re
@@ -22,39 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from gigaseg.cli.common import CONFIG_PATH, run_hydra, start, to_plain, user_errors
 from gigaseg.cli.schema import PredictAppSchema
+from gigaseg.data.cohort import find_slides, slide_name
 from gigaseg.errors import ConfigError
 
 log = logging.getLogger("gigaseg.predict")
 
-#: File endings of slides OpenSlide reads, for ``slides=<folder>``.
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm")
 _SAFE = re.compile(r"^[A-Za-z0-9_./+@%-]+$")
 
 
-def _stem(path: str) -> str:
-    """A folder name for a slide: its file name without the extension, made safe.
-
-    Never ``.`` or ``..`` (a slide named ``...svs``) nor hidden: the folder stays inside the output folder.
-    """
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(str(path)).stem).lstrip(".") or "slide"
-
-
 if not OmegaConf.has_resolver("gigaseg_stem"):
-    OmegaConf.register_new_resolver("gigaseg_stem", _stem)
-
-
-def find_slides(pattern: str) -> list[Path]:
-    """The slides of a folder (by file ending; DICOM folders count as one slide each) or of a glob pattern, sorted."""
-    path = Path(pattern).expanduser()
-    if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
-                       and not p.name.startswith(".") and p.suffix.lower() != ".dcm")
-        found += sorted(p for p in path.iterdir() if p.is_dir() and any(p.glob("*.dcm")))
-    else:
-        found = sorted(Path(p) for p in glob.glob(str(path)) if not Path(p).name.startswith("."))
-    if not found:
-        raise ConfigError(f"slides={pattern}: no slides found; give a folder of slides or a glob such as '/data/*.svs'")
-    return found
+    OmegaConf.register_new_resolver("gigaseg_stem", slide_name)
 
 
 def _quote(value: str) -> str:
@@ -136,7 +112,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if plain.get("output_dir"):
         output_dir = Path(plain["output_dir"])
         if hydra_cfg.mode == RunMode.MULTIRUN:
-            output_dir = output_dir / _stem(str(slide))  # one folder per slide
+            output_dir = output_dir / slide_name(str(slide))  # one folder per slide
     else:
         output_dir = Path(hydra_cfg.runtime.output_dir)
 
@@ -166,7 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with MlflowRun(
         tracking_uri,
         plain["mlflow"]["experiment_name"],
-        run_name=plain["mlflow"].get("run_name") or f"predict {_stem(str(slide))}",
+        run_name=plain["mlflow"].get("run_name") or f"predict {slide_name(str(slide))}",
         params=params,
         tags=tags,
         log_system_metrics=bool(plain["mlflow"].get("log_system_metrics")),

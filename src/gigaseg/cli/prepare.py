@@ -102,7 +102,7 @@ def run(cfg: DictConfig) -> list[dict]:
     data = plain["data"]
     cohort = cohort_from_config(data)
     return prepare_cohort(
-        cohort, Path(data["dir"]), total_stride=total_stride(plain["model"]), fit=data.get("fit", "pad"),
+        cohort, Path(data["prepared_dir"]), total_stride=total_stride(plain["model"]), fit=data.get("fit", "pad"),
         pad_value=tuple(data.get("pad_value")), max_region=None if data.get("max_region") is None else tuple(data["max_region"]),
         progress=True,
     )

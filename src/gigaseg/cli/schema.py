@@ -123,6 +123,8 @@ class DataSchema:
 
     name: str = MISSING
     dir: str = "${paths.data_dir}/${data.name}"
+    #: Where the prepared regions go: <prepared_dir>/<slide>/<region>/ and the index cohort.json.
+    prepared_dir: str = "${data.dir}/prepared"
     #: The cohort as a list of slides, each with its split.
     slides: list[CohortSlideSchema] = field(default_factory=list)
     #: Or a folder or glob of slides: every slide is in train but those named in val_slides / test_slides.

@@ -34,14 +34,17 @@ def model_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
 
 def train_config(train_cfg: dict[str, Any]):
     """A validated TrainConfig from the ``train`` config node (``resume``/``log_model`` stay here)."""
-    from gigaseg.training import TrainConfig
+    from gigaseg.options import AugmentConfig, TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     extra = {"resume", "log_model"}
     unknown = sorted(set(train_cfg) - names - extra)
     if unknown:
         raise ConfigError(f"train config has unknown option(s) {', '.join('train.' + k for k in unknown)}")
-    config = TrainConfig(**{k: v for k, v in train_cfg.items() if k in names})
+    values = {k: v for k, v in train_cfg.items() if k in names}
+    if isinstance(values.get("augment"), dict):
+        values["augment"] = AugmentConfig(**values["augment"])
+    config = TrainConfig(**values)
     config.validate()
     return config
 
@@ -156,9 +159,10 @@ def run(cfg: DictConfig) -> float | None:
     overrides = list(HydraConfig.get().overrides.task)
 
     data_dir = Path(plain["data"]["dir"])
+    prepared = Path(plain["data"]["prepared_dir"])
     if not os.environ.get(LAUNCHED):  # local workers find what their launcher prepared
-        prepare_missing(cfg, data_dir)
-    train_regions, val_regions, loaded = cohort_regions(data_dir)
+        prepare_missing(cfg, prepared)
+    train_regions, val_regions, loaded = cohort_regions(prepared)
     if distributed.local_workers and not os.environ.get(LAUNCHED):
         check_tracking_store(tracking_uri)  # fail now, not once the workers are up
         return launch_workers(distributed, overrides, output_dir)
@@ -221,9 +225,15 @@ def run(cfg: DictConfig) -> float | None:
         ) as tracked:
             log.info("MLflow run %s in %s%s", tracked.run_id, tracking_uri, f" (sweep parent {parent_id})" if parent_id else "")
             tracked.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            tracked.log_artifact(data_dir / INDEX_NAME, "data")
+            # The cohort as an input dataset: DVC's digest of the data when the files on disk match it,
+            # else a digest of the regions' manifests (which name the slides and hold their digests).
+            cohort_digest = digest or hashlib.sha256("".join(digests).encode()).hexdigest()[:32]
+            tracked.log_dataset(plain["data"]["name"], str(prepared), cohort_digest, context="training",
+                                tags={k: tags[f"gigaseg.{k}"] for k in ("train_slides", "train_regions",
+                                                                          "val_slides", "val_regions")})
+            tracked.log_artifact(prepared / INDEX_NAME, "data")
             for region in loaded:
-                tracked.log_artifact(region.path / "manifest.json", f"data/{region.path.relative_to(data_dir)}")
+                tracked.log_artifact(region.path / "manifest.json", f"data/{region.path.relative_to(prepared)}")
             result = train(
                 kwargs,
                 train_regions,

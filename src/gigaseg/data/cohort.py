@@ -122,7 +122,10 @@ class Cohort:
 
 
 def slide_name(path: str | Path) -> str:
-    """A folder name for a slide: its file name without the extension, made safe."""
+    """A folder name for a slide: its file name without the extension, made safe.
+
+    Never ``.`` or ``..`` (a slide named ``...svs``) nor hidden: the folder stays inside its parent.
+    """
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(str(path)).stem).lstrip(".") or "slide"
 
 
@@ -231,9 +234,12 @@ def write_index(out_dir: Path, entries: list[dict]) -> Path:
     from gigaseg.atomic import atomic_path
 
     path = Path(out_dir) / INDEX_NAME
+    text = json.dumps({"version": 1, "regions": entries}, indent=2, sort_keys=True) + "\n"
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return path  # unchanged: leave the file (and DVC's view of it) alone
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"version": 1, "regions": entries}, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(text)
     return path
 
 
