@@ -18,22 +18,13 @@ from gigaseg.losses import region_loss
 from gigaseg.model import build_unet
 from gigaseg.streaming import TiledEngine, loss_and_gradients, plain_step
 from gigaseg.streaming.reference import float64_copy
+from test_streaming_engine import tissue_region
 
 TOLERANCE = 1e-4  # as tests/test_streaming_engine.py
 TILE = 128  # the default model's halo is 64 and its total stride 64
 LOSSES = ("bce", "dice", "dice_bce")
 #: How TiledEngine evaluates a tile: fused numba tail, space-to-depth TensorFlow, the Keras model.
 PATHS = {"fused": {}, "lowered": {"fused": False}, "keras": {"fast": False}}
-
-
-def tissue_region(height: int, width: int, seed: int = 0):
-    """An ellipse of pink tissue on near-white glass with noise, and its 0/1 mask."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    mask = (((yy - 0.4 * height) / (0.3 * height)) ** 2 + ((xx - 0.45 * width) / (0.3 * width)) ** 2 < 1).astype(np.uint8)
-    colour = np.where(mask[..., None] == 1, [180, 120, 190], [235, 230, 235])
-    image = (colour + rng.normal(0, 20, (height, width, 3))).clip(0, 255).astype(np.uint8)
-    return image, mask
 
 
 def with_ignored(mask: np.ndarray, kind: str, tile: int = TILE, seed: int = 0) -> np.ndarray:

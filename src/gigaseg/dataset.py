@@ -132,6 +132,8 @@ class DatasetSpec:
     pad_value: tuple[int, int, int] = (242, 242, 242)
     max_region: tuple[int, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The dataset folder: paths under it are written relative in the manifests (default: out_dir's parent).
+    root: Path | None = None
 
     def validate(self) -> None:
         if self.mask_source not in MASK_SOURCES:
@@ -305,7 +307,7 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
                 old = read_manifest(manifest_path)
                 from gigaseg.data.manifest import relative_paths
 
-                wanted = relative_paths({"request": json.loads(json.dumps(request))}, out)["request"]
+                wanted = relative_paths({"request": json.loads(json.dumps(request))}, out, spec.root)["request"]
                 if old.get("request") == wanted:
                     log.info("region %s is up to date in %s", region.name, out)
                     manifests[region.name] = old
@@ -329,6 +331,7 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
                     extra_manifest=extra,
                     progress=progress,
                     slide_path=spec.slide_path,
+                    dataset_dir=spec.root,
                 )
             except RegionError as exc:  # say which configured region, not only which rectangle
                 raise RegionError(f"data.regions.{region.name}: {exc}") from exc
@@ -362,6 +365,7 @@ def prepare_cohort(
     for slide in tqdm(cohort.slides, desc="slides", unit="slide", disable=not progress or len(cohort.slides) < 2):
         folder = out_dir / slide.name
         spec = slide_spec(slide, folder, fit=fit, pad_value=pad_value, max_region=max_region)
+        spec.root = out_dir.parent  # the dataset folder, which holds the demo's slides too
         try:
             manifests = prepare_dataset(spec, total_stride=total_stride, progress=progress)
         except GigasegError as exc:

@@ -97,15 +97,18 @@ def slide_facts(reader: Any, slide_path: str | Path | None) -> dict:
     return facts
 
 
-def relative_paths(manifest: Any, region_dir: Path) -> Any:
+def relative_paths(manifest: Any, region_dir: Path, base: Path | None = None) -> Any:
     """Paths inside the region's dataset folder, written relative to the region folder.
 
     A manifest must not depend on where the project was cloned: the same recipe prepared
     in another checkout has to give the same bytes (DVC records their digest). Values of
-    keys ending in ``path`` that point into ``region_dir``'s parent become relative to
-    ``region_dir`` (``../slide.tiff``); paths elsewhere stay as given.
+    keys ending in ``path`` that point into ``base`` (default ``region_dir``'s parent: the
+    dataset folder) become relative to ``region_dir`` (``../../slides/s0.tiff``); paths
+    elsewhere stay as given.
     """
-    base = Path(region_dir).resolve().parent
+    if base is None:
+        base = Path(region_dir).resolve().parent
+    base = Path(base).resolve()
     if isinstance(manifest, dict):
         out = {}
         for key, value in manifest.items():
@@ -114,11 +117,11 @@ def relative_paths(manifest: Any, region_dir: Path) -> Any:
                 if resolved == base or base in resolved.parents:
                     value = os.path.relpath(resolved, Path(region_dir).resolve())
             else:
-                value = relative_paths(value, region_dir)
+                value = relative_paths(value, region_dir, base)
             out[key] = value
         return out
     if isinstance(manifest, list):
-        return [relative_paths(v, region_dir) for v in manifest]
+        return [relative_paths(v, region_dir, base) for v in manifest]
     return manifest
 
 

@@ -102,13 +102,15 @@ def prepare_region(
     extra_manifest: dict | None = None,
     progress: bool = False,
     slide_path: str | Path | None = None,
+    dataset_dir: str | Path | None = None,
 ) -> dict:
     """Write a region's pixels, mask and manifest into ``out_dir``; return the manifest.
 
     Pixels are read tile by tile (memory for a few tiles only, whatever the region size).
     Everything is built in a temporary sibling folder that replaces ``out_dir`` only when
     complete, so a failure leaves the previous ``out_dir`` (or none), never a partial one.
-    The slide file is taken from ``slide_path`` or the reader's ``path`` attribute.
+    The slide file is taken from ``slide_path`` or the reader's ``path`` attribute. Paths under
+    ``dataset_dir`` (default ``out_dir``'s parent) are written relative to ``out_dir``.
     Re-running with the same inputs writes byte-identical files.
     """
     if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size <= 0:
@@ -155,7 +157,7 @@ def prepare_region(
                 mask_shape=(height, width),
                 extra=extra_manifest,
             )
-            manifest = relative_paths(manifest, out_dir)
+            manifest = relative_paths(manifest, out_dir, dataset_dir)
             write_manifest(tmp / MANIFEST_NAME, manifest)
             _fsync_dir(tmp)
             old = None
