@@ -11,7 +11,7 @@ import logging
 import math
 import numbers
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -208,10 +208,10 @@ def shrunk_synthetic(
 
 
 def shrunk_slide(recipe: SyntheticRecipe, max_region: tuple[int, int]) -> SyntheticRecipe:
-    """The same synthetic recipe at most twice ``max_region`` (height, width) large, for shrunk runs
-    whose regions are found on the slide (``whole``, ``auto``) rather than given."""
-    height = min(recipe.height, max(64, 2 * int(max_region[0]) // 64 * 64))
-    width = min(recipe.width, max(64, 2 * int(max_region[1]) // 64 * 64))
+    """The same synthetic recipe at most four times ``max_region`` (height, width) large, for shrunk
+    runs whose regions are found on the slide (``whole``, ``auto``) rather than given."""
+    height = min(recipe.height, max(64, 4 * int(max_region[0]) // 64 * 64))
+    width = min(recipe.width, max(64, 4 * int(max_region[1]) // 64 * 64))
     return SyntheticRecipe(**{**asdict(recipe), "height": height, "width": width})
 
 
@@ -278,8 +278,14 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
             recipe, regions = shrunk_synthetic(recipe, regions, spec.max_region)
         else:
             regions = [capped(r, spec.max_region) for r in regions]
-    elif spec.max_region is not None and recipe is not None:
-        recipe = shrunk_slide(recipe, spec.max_region)
+    elif spec.max_region is not None:
+        if recipe is not None:
+            recipe = shrunk_slide(recipe, spec.max_region)
+        # Regions found on the slide look for windows no larger than the cap, so that the
+        # tissue-richest ones are chosen, not the whole shrunk slide.
+        regions = [replace(r, height=min(r.height or STUDY_REGION[0], int(spec.max_region[0])),
+                           width=min(r.width or STUDY_REGION[1], int(spec.max_region[1])))
+                   if r.kind == "auto" else r for r in regions]
     recipe = ensure_synthetic_slide(spec, recipe, progress=progress)
     manifests: dict[str, dict] = {}
     with open_slide(spec.slide_path) as reader:
