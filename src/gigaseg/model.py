@@ -1,7 +1,7 @@
 """The tissue U-Net: large kernels and high strides, small enough for whole gigapixel regions.
 
 The default layout (``gigaunet``) has exactly 4492 trainable parameters; see
-``docs/STREAMING.md`` in the shared docs and the README for the layer table.
+``docs/STREAMING.md`` for the layer table.
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ class EvaluateAppSchema(CommonSchema):
     prediction: Optional[str] = None
     #: The reference: a mask image, a QuPath GeoJSON (level-0 coordinates) or synthetic truth.
     reference: Optional[str] = None
-    #: auto | image | geojson | synthetic (auto: .geojson/.json is GeoJSON, a synthetic mask TIFF is synthetic).
+    #: auto | mask | geojson | synthetic (auto: .geojson/.json is GeoJSON, a synthetic mask TIFF is synthetic, else a mask image).
     reference_type: str = "auto"
     #: Probability cut for probability masks; None: the one recorded in the prediction (else 0.5).
     threshold: Optional[float] = None
