@@ -37,7 +37,7 @@ def data_config(compose, *overrides):
 
 
 def test_single_slide_form_splits_its_regions_by_name(compose):
-    cohort = cohort_from_config(data_config(compose))
+    cohort = cohort_from_config(data_config(compose, "data=paper"))
     (slide,) = cohort.slides
     assert isinstance(slide, SingleSlide)
     assert [r.name for r in slide.regions] == ["train", "val"]
@@ -187,3 +187,12 @@ def test_prepare_cohort_writes_each_slide_and_the_index(tmp_path, slides, compos
     with_mtime = (tmp_path / "out" / "case1" / "r" / "image.npy").stat().st_mtime_ns
     prepare_cohort(cohort, tmp_path / "out", total_stride=STRIDE, progress=False)  # up to date: nothing rewritten
     assert (tmp_path / "out" / "case1" / "r" / "image.npy").stat().st_mtime_ns == with_mtime
+
+
+def test_the_demo_is_a_generated_cohort_of_six_slides(compose):
+    cohort = cohort_from_config(data_config(compose))
+    slides = cohort.slides
+    assert [s.split for s in slides] == ["train"] * 4 + ["val"] * 2
+    assert len({s.synthetic.seed for s in slides}) == 6 and len({(s.synthetic.height, s.synthetic.width) for s in slides}) > 3
+    assert 350e6 <= sum(s.synthetic.height * s.synthetic.width for s in slides) <= 450e6
+    assert all(s.labels.source == "synthetic" and s.labels.path.name == f"{s.name}_mask.tiff" for s in slides)
