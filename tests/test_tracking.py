@@ -61,3 +61,5 @@ def test_git_state():
     state = git_state(ROOT)
     assert len(state["gigaseg.git_commit"]) == 40
     assert state["gigaseg.git_dirty"] in ("True", "False")
+    # Without a folder: the checkout gigaseg runs from, whatever the working folder (projects may live elsewhere).
+    assert git_state()["gigaseg.git_commit"] == state["gigaseg.git_commit"]

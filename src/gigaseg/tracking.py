@@ -75,8 +75,14 @@ def check_tracking_store(uri: str) -> None:
     mlflow.set_tracking_uri(uri)
 
 
-def git_state(root: Path) -> dict[str, str]:
-    """The commit of the code and whether the work tree had uncommitted changes."""
+def git_state(root: Path | None = None) -> dict[str, str]:
+    """The commit of the code and whether the work tree had uncommitted changes.
+
+    ``root`` None: the checkout gigaseg itself runs from (an editable install), wherever the
+    project's outputs go; an installed wheel has no commit to record.
+    """
+    if root is None:
+        root = Path(__file__).resolve().parent
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)

@@ -107,7 +107,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "reference_type": inputs["reference"]["kind"], "threshold": inputs["prediction"]["threshold"],
             "classes": classes, "piece_block": evaluation.piece_block,
         })
-        tags = {"gigaseg.command": "evaluate", **git_state(Path(plain["paths"]["root"]))}
+        tags = {"gigaseg.command": "evaluate", **git_state()}
         run_id = prediction_run_id(prediction)
         if run_id:
             tags["gigaseg.prediction_run_id"] = run_id

@@ -135,7 +135,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "gigaseg.model_uri": model_uri,
         "gigaseg.slide": str(slide.resolve()),
         "gigaseg.output_dir": str(output_dir.resolve()),
-        **git_state(Path(plain["paths"]["root"])),
+        **git_state(),
     }
     if loaded.run_id:
         tags["gigaseg.model_run_id"] = loaded.run_id

@@ -190,7 +190,7 @@ def run(cfg: DictConfig) -> float | None:
         "gigaseg.val_slides": str(len({r.key.split("/")[0] for r in val_regions})),
         "gigaseg.val_regions": str(len(val_regions)),
         "gigaseg.train_manifest_sha256": digests[0],
-        **git_state(root),
+        **git_state(),
     }
     digest = dvc_data_digest(root / "data.dvc", data_dir)
     if digest:
