@@ -90,3 +90,13 @@ def test_wheel_in_a_fresh_venv_trains_predicts_and_evaluates_from_an_empty_folde
 
     assert _snapshot(site) == before, "nothing is written into the installed package"
     assert any((tmp_path / "cache" / "gigaseg" / "numba").rglob("*.nbi")), "compiled kernels go to the user cache"
+
+
+def test_configs_come_from_the_projects_conf_folder_else_from_the_package(tmp_path, monkeypatch):
+    from gigaseg.cli.common import PACKAGE_CONFIGS, config_path
+
+    monkeypatch.setenv("GIGASEG_ROOT", str(tmp_path))
+    assert config_path() == PACKAGE_CONFIGS
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "config.yaml").write_text("defaults: [train_schema]\n")
+    assert config_path() == str(tmp_path.resolve() / "conf")

@@ -20,11 +20,10 @@ from gigaseg.errors import GigasegError
 log = logging.getLogger("gigaseg")
 
 
-#: Hydra's search path entry of the configs: the ``conf/`` folder, installed as ``gigaseg.conf``
-#: (an editable install maps it to the checkout's ``conf/``). ``--config-dir`` adds a user's own.
-CONFIG_PATH = "pkg://gigaseg.conf"
 #: The file whose folder marks a gigaseg checkout or project (DVC's record of its data).
 PROJECT_MARKER = "data.dvc"
+#: The configs installed with the package (the checkout's ``conf/``, as the package ``gigaseg.conf``).
+PACKAGE_CONFIGS = "pkg://gigaseg.conf"
 
 
 def project_root() -> Path:
@@ -41,6 +40,17 @@ def project_root() -> Path:
         if (folder / PROJECT_MARKER).is_file():
             return folder
     return here
+
+
+def config_path() -> str:
+    """Hydra's primary config folder: the project's own ``conf/`` when it has one (a checkout, or a
+    copy of it), else the configs installed with the package. ``--config-dir`` adds a user's own."""
+    local = project_root() / "conf"
+    return str(local) if (local / "config.yaml").is_file() else PACKAGE_CONFIGS
+
+
+#: Resolved when an entry point is imported, as ``@hydra.main`` needs it.
+CONFIG_PATH = config_path()
 
 
 def artifacts_beside_store(tracking_uri: str) -> str | None:

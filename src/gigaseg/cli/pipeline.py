@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from gigaseg.atomic import atomic_path
-from gigaseg.cli.common import to_plain, user_errors
+from gigaseg.cli.common import PACKAGE_CONFIGS, config_path, to_plain, user_errors
 from gigaseg.errors import ConfigError
 
 log = logging.getLogger("gigaseg.pipeline")
@@ -29,14 +29,17 @@ SECTIONS = ("data", "model", "train")
 def compose(overrides: list[str]) -> dict[str, Any]:
     """``conf/config.yaml`` composed with ``overrides`` and resolved, as plain Python."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+    from hydra import initialize_config_dir, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_module(config_module="gigaseg.conf", version_base="1.3"):
+        where = config_path()
+        context = (initialize_config_module(config_module="gigaseg.conf", version_base="1.3")
+                   if where == PACKAGE_CONFIGS else initialize_config_dir(config_dir=where, version_base="1.3"))
+        with context:
             return to_plain(hydra_compose("config", overrides=list(overrides)))
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"cannot compose the config with {' '.join(overrides) or 'no overrides'}: {exc}") from exc
