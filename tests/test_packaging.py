@@ -60,8 +60,9 @@ def test_wheel_in_a_fresh_venv_trains_predicts_and_evaluates_from_an_empty_folde
     assert (site / "gigaseg" / "conf" / "config.yaml").is_file()
     before = _snapshot(site)
 
+    # NUMBA_CACHE_DIR too: importing gigaseg in this process (other tests) set it for our cache folder.
     env = {k: v for k, v in os.environ.items() if k not in ("GIGASEG_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID",
-                                                               "VIRTUAL_ENV", "PYTHONPATH")}
+                                                               "VIRTUAL_ENV", "PYTHONPATH", "NUMBA_CACHE_DIR")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
 
