@@ -52,7 +52,7 @@ def _ring(raw: Any, where: str) -> np.ndarray:
     has_bool = ring.dtype == object or (ring.ndim == 2 and any(isinstance(v, bool) for p in raw for v in p))
     if ring.ndim != 2 or (ring.size and ring.shape[1] < 2) or (ring.size and ring.dtype.kind not in "iuf") or has_bool:
         sample = raw[:2] if raw else raw
-        raise MaskError(f"{where}: ring positions must be [x, y] numbers, got {str(sample)[:80]}")
+        raise MaskError(f"{where}: ring positions must be [x, y] numbers, got {repr(sample)[:80]}")
     if ring.size == 0:
         raise MaskError(f"{where}: a ring has no points; a polygon ring needs at least 3 distinct points")
     ring = ring[:, :2].astype(np.float64)
@@ -90,7 +90,7 @@ def _polygon(rings_raw: Any, where: str, classification: str | None) -> Polygon:
 
 def _geometry(geom: Any, where: str, classification: str | None) -> Iterable[Polygon]:
     if not isinstance(geom, dict) or "type" not in geom:
-        raise MaskError(f"{where}: expected a GeoJSON geometry object with a 'type', got {str(geom)[:80]}")
+        raise MaskError(f"{where}: expected a GeoJSON geometry object with a 'type', got {repr(geom)[:80]}")
     kind = geom["type"]
     if kind == "Polygon":
         yield _polygon(geom.get("coordinates"), where, classification)
@@ -105,7 +105,7 @@ def _geometry(geom: Any, where: str, classification: str | None) -> Iterable[Pol
         if geometries is None:
             geometries = []
         if not isinstance(geometries, list):
-            raise MaskError(f"{where}: GeometryCollection 'geometries' must be a list of geometries, got {str(geometries)[:80]}")
+            raise MaskError(f"{where}: GeometryCollection 'geometries' must be a list of geometries, got {repr(geometries)[:80]}")
         for j, sub in enumerate(geometries):
             yield from _geometry(sub, f"{where}, geometry {j}", classification)
     else:
