@@ -100,7 +100,8 @@ def test_shares_cover_every_tile_once_in_order(tiles, parts):
 
 # --- mirrored: several replicas in one process -------------------------------------------
 
-MIRRORED = textwrap.dedent(
+#: Three logical CPU devices as replicas, the default model, and a 192x640 region with its mask.
+MIRRORED_SETUP = textwrap.dedent(
     """
     import json, sys
     import numpy as np
@@ -119,6 +120,11 @@ MIRRORED = textwrap.dedent(
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (192, 640, 3), dtype=np.uint8)
     mask = (rng.random((192, 640)) < 0.4).astype(np.uint8)
+    """
+)
+
+MIRRORED = MIRRORED_SETUP + textwrap.dedent(
+    """
     out = {"replicas": replicas.num_replicas}
     for loss in ("dice_bce", "bce"):
         spread = DistributedEngine(model, replicas, loss=loss, tile_size=128).step(image, mask)

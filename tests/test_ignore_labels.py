@@ -18,6 +18,7 @@ from gigaseg.losses import region_loss
 from gigaseg.model import build_unet
 from gigaseg.streaming import TiledEngine, loss_and_gradients, plain_step
 from gigaseg.streaming.reference import float64_copy
+from test_distributed import MIRRORED_SETUP
 from test_streaming_engine import tissue_region
 
 TOLERANCE = 1e-4  # as tests/test_streaming_engine.py
@@ -229,25 +230,8 @@ def test_tiled_step_with_ignored_pixels_is_exact_on_larger_regions(unit_range_mo
             errors = relative_errors(result.gradients, reference)
             assert max(errors) <= TOLERANCE, (path, tile_size, errors)
 
-MIRRORED = textwrap.dedent(
+MIRRORED = MIRRORED_SETUP + textwrap.dedent(
     """
-    import json
-    import numpy as np
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 3)
-    import keras
-    from gigaseg.distributed import DistributedEngine, Replicas
-    from gigaseg.model import build_unet
-    from gigaseg.streaming import TiledEngine
-
-    strategy = tf.distribute.MirroredStrategy(devices=[d.name for d in tf.config.list_logical_devices("CPU")])
-    replicas = Replicas(strategy)
-    keras.utils.set_random_seed(0)
-    model = build_unet()
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (192, 640, 3), dtype=np.uint8)
-    mask = (rng.random((192, 640)) < 0.4).astype(np.uint8)
     mask[40:150, 100:300] = 255  # across tiles of every replica's share
     mask[:, 600:] = 255
     out = {}

@@ -187,12 +187,6 @@ def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig, rep
 BEST = "best.npz"
 
 
-def validate(engine, image: np.ndarray, mask: np.ndarray, *, threshold: float) -> tuple[float, np.ndarray]:
-    """Hard Dice of the model on a region (tiled forward passes), and the probabilities."""
-    probability = engine.predict(image)
-    return count(probability, mask, threshold=threshold).scores()["dice"], probability
-
-
 def metric_key(name: str) -> str:
     """A region's key as MLflow allows it in a metric name (letters, digits, ``_ - . / :`` and spaces)."""
     return re.sub(r"[^A-Za-z0-9_\-./: ]", "_", name)
