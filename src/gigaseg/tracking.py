@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import subprocess
 import urllib.parse
@@ -19,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from gigaseg.errors import GigasegError
+from gigaseg.errors import ConfigError, GigasegError
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,67 @@ class MlflowRun:
         )
         return info.model_uri
 
+    def register_model(self, model_uri: str, name: str, alias: str) -> str:
+        """Register ``model_uri`` as a new version of the registered model ``name``, point ``alias`` at it
+        and tag this run with both; returns the version."""
+        import contextlib
+        import io
+
+        import mlflow
+
+        said = io.StringIO()
+        with contextlib.redirect_stderr(said):  # MLflow prints what the caller logs in one line
+            version = str(mlflow.register_model(model_uri, name).version)
+        log.debug("%s", said.getvalue().strip())
+        _client(self.tracking_uri).set_registered_model_alias(name, alias, version)
+        self.set_tags({"gigaseg.registered_model": name, "gigaseg.registered_version": version,
+                       "gigaseg.registered_alias": alias})
+        return version
+
+
+#: What a registered model's name and an alias may hold: a ``models:/NAME@ALIAS`` URI must read back.
+_ALIAS = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def check_registration(name: str, alias: str) -> None:
+    """Refuse a registered model name or alias that MLflow would refuse only after training, or that no URI could name."""
+    if not name.strip() or any(c in name for c in "/:@"):
+        raise ConfigError(f"mlflow.register_as={name!r}: give a name without '/', ':' or '@', e.g. mlflow.register_as=tissue")
+    # MLflow keeps "latest" and v<number> for versions (models:/NAME/latest, models:/NAME@v3).
+    if not _ALIAS.match(alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise ConfigError(f"mlflow.alias={alias!r}: use letters, digits, '_' and '-' (not 'latest' or v<number>), "
+                          "e.g. mlflow.alias=champion")
+
+
+def registered_version(tracking_uri: str, name: str, *, alias: str | None = None, version: str | None = None) -> str:
+    """The version of the registered model ``name`` that ``alias`` points at (or ``version``, checked).
+
+    Raises TrackingError naming what the registry does hold, so a typo is easy to see.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        names = sorted(m.name for m in client.search_registered_models(max_results=50))
+        held = f"it holds {', '.join(names)}" if names else "it holds none"
+        raise TrackingError(f"no registered model {name!r} in {tracking_uri} ({held}); "
+                            f"register one with gigaseg-train mlflow.register_as={name}") from exc
+    aliases = dict(model.aliases or {})
+    if alias is not None:
+        if alias not in aliases:
+            held = ", ".join(f"{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
+            raise TrackingError(f"registered model {name!r} has no alias {alias!r} (its aliases: {held}); "
+                                f"give one of them, or a version as models:/{name}/<version>")
+        return str(aliases[alias])
+    try:
+        return str(client.get_model_version(name, str(version)).version)
+    except MlflowException as exc:
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        raise TrackingError(f"registered model {name!r} has no version {version} "
+                            f"(its versions: {', '.join(map(str, versions)) or 'none'})") from exc
+
 
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
@@ -375,8 +437,12 @@ def end_parent_run(
     metric: str = "val_dice",
     files: tuple[Path, ...] | list[Path] = (),
     terminate: bool = True,
+    status: str = "FINISHED",
 ) -> dict[str, Any]:
-    """Summarise a sweep in its parent run (best child by ``metric``, job count, files) and end it."""
+    """Summarise a sweep in its parent run (best child by ``metric``, job count, files) and end it with ``status``.
+
+    A sweep that crashed ends FAILED, one that was interrupted KILLED, with what its jobs got done.
+    """
     client = _client(tracking_uri)
     children = child_runs(tracking_uri, parent_run_id)
     scored = [(r.data.metrics[metric], r) for r in children if metric in r.data.metrics]
@@ -393,7 +459,8 @@ def end_parent_run(
         if Path(path).is_file():
             client.log_artifact(parent_run_id, str(path), artifact_path="sweep")
     if terminate:
-        client.set_terminated(parent_run_id, "FINISHED")
+        client.set_terminated(parent_run_id, status)
+    summary["status"] = status
     return summary
 
 

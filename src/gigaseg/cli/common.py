@@ -147,7 +147,47 @@ def hydra_message(exc: BaseException) -> str:
     cause = exc.__cause__
     if isinstance(cause, OmegaConfBaseException):
         parts.extend(line.rstrip(".") for line in lines(str(cause)))
+    if "Could not find 'hydra/sweeper/optuna'" in str(exc):
+        parts.append("the Optuna sweeper is an extra: pip install 'gigaseg[optuna]'")
     return "; ".join(parts) or type(exc).__name__
+
+
+#: ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION``: a registered model's version (not a logged model's id).
+_REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+
+
+def resolve_model(uri: str, tracking_uri: str, into: Path) -> Path:
+    """A local path for a model URI: ``runs:/`` and ``models:/`` (and other MLflow URIs) are downloaded into ``into``.
+
+    A registered model's alias or version is looked up first, so an unknown name, alias or
+    version is named in one line with what the registry holds instead.
+    """
+    from gigaseg.inference import ModelError
+
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if "://" not in uri and not uri.startswith(("runs:/", "models:/")):
+        return Path(uri).expanduser()
+    from mlflow.artifacts import download_artifacts
+
+    from gigaseg.tracking import TrackingError, registered_version
+
+    asked = uri
+    registered = _REGISTERED.match(uri)
+    if registered:
+        name, alias = registered["name"], registered["alias"]
+        try:
+            version = registered_version(tracking_uri, name, alias=alias, version=registered["version"])
+        except TrackingError as exc:
+            raise ModelError(f"model_uri={uri}: {exc}") from exc
+        if alias:
+            log.info("model_uri=%s is version %s of %s", uri, version, name)
+        uri = f"models:/{name}/{version}"
+    try:
+        return Path(download_artifacts(artifact_uri=uri, dst_path=str(into), tracking_uri=tracking_uri))
+    except Exception as exc:  # MLflow raises MlflowException, OSError, REST errors, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model_uri={asked}: cannot fetch it from the MLflow store {tracking_uri} ({first})") from exc
 
 
 #: TensorFlow's start-up lines on a machine without a GPU: its native logging ignores
@@ -208,15 +248,22 @@ def run_hydra(hydra_main: Callable[[], Any]) -> Any:
     """Call a ``@hydra.main`` function; a config Hydra cannot compose ends in one line ``error: ...`` (status 2).
 
     Hydra reports composition errors (``model=nosuch``, an override it cannot parse) on
-    several lines with exit status 1; other exceptions keep their traceback.
+    several lines with exit status 1; other exceptions keep their traceback. A multirun that
+    fails or is interrupted ends its MLflow parent run FAILED or KILLED (``gigaseg.cli.sweep``).
     """
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from gigaseg.cli.sweep import ending_parent_on_failure
+
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's exceptions reach us instead of printing them
     try:
-        return hydra_main()
+        with ending_parent_on_failure():
+            return hydra_main()
+    except KeyboardInterrupt:  # between jobs of a sweep, outside any job's user_errors
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except (HydraException, OmegaConfBaseException) as exc:
         if previous:  # the user asked Hydra for the full traceback
             raise

@@ -3,16 +3,22 @@
 The parent is created when the sweep starts (or, under ``mlflow run``, the run MLflow
 created becomes the parent); its id reaches the jobs through a file in the sweep folder and
 an environment variable, so it works with the basic launcher (jobs in this process) and with
-joblib (jobs in worker processes) alike.
+joblib (jobs in worker processes) alike. Hydra calls ``on_multirun_end`` only when the sweep
+succeeds, so the entry point wraps the sweep in ``ending_parent_on_failure``: a sweep that
+crashes ends its parent FAILED, one interrupted (Ctrl-C, SIGTERM) KILLED.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
@@ -26,6 +32,37 @@ log = logging.getLogger("gigaseg.sweep")
 #: Where the parent run id is kept: a JSON file in the sweep folder, and this variable.
 PARENT_FILE = "mlflow_parent_run.json"
 PARENT_ENV = "GIGASEG_SWEEP_PARENT_RUN_ID"
+
+
+#: The sweep parent this process opened and has not ended yet: its callback, else None.
+_open: "MlflowSweepCallback | None" = None
+
+
+def _terminated(signum: int, frame: object) -> None:
+    # SIGTERM (a scheduler, `kill`) as an interruption, so the runs it stops end KILLED, not RUNNING.
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+def status_for(exc: BaseException) -> str:
+    """The MLflow status of a run stopped by ``exc``: KILLED when interrupted, FAILED otherwise.
+
+    The entry points turn Ctrl-C into exit status 130, so that exit counts as an interruption too.
+    """
+    if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and exc.code == 130):
+        return "KILLED"
+    return "FAILED"
+
+
+@contextlib.contextmanager
+def ending_parent_on_failure() -> Iterator[None]:
+    """Run a Hydra app; if it ends by an exception while a sweep parent run is open, end that run FAILED or KILLED."""
+    try:
+        yield
+    except BaseException as exc:
+        callback = _open
+        if callback is not None:
+            callback.end_unfinished(status_for(exc))
+        raise
 
 
 def sweep_info(sweep_dir: str | Path) -> dict[str, Any]:
@@ -42,6 +79,28 @@ def sweep_info(sweep_dir: str | Path) -> dict[str, Any]:
 def parent_run_id(sweep_dir: str | Path) -> str | None:
     """The parent run id of the sweep writing into ``sweep_dir``, if a sweep callback made one."""
     return sweep_info(sweep_dir)["run_id"]
+
+
+def sweeper_problem(hydra_cfg: DictConfig) -> str | None:
+    """Why the configured sweeper cannot run with the installed packages, in one line; None when it can.
+
+    hydra-optuna-sweeper holds optuna below 3, and optuna 2.10's database storage fails on
+    SQLAlchemy 2 (an AssertionError in its schema check, after the sweep has started).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    storage = hydra_cfg.sweeper.get("storage")
+    if not storage or "optuna" not in str(hydra_cfg.sweeper.get("_target_", "")).lower():
+        return None
+    try:
+        optuna, sqlalchemy = version("optuna"), version("sqlalchemy")
+    except PackageNotFoundError:
+        return None
+    if int(optuna.split(".")[0]) >= 3 or int(sqlalchemy.split(".")[0]) < 2:
+        return None
+    return (f"hydra.sweeper.storage={storage}: optuna {optuna} (the newest the Optuna sweeper plugin allows) cannot "
+            f"keep a study in a database with SQLAlchemy {sqlalchemy}, which MLflow needs; leave "
+            "hydra.sweeper.storage=null (the sweep's MLflow parent run and optimization_results.yaml keep the trials)")
 
 
 def sweep_params(hydra_cfg: DictConfig) -> dict[str, str]:
@@ -84,6 +143,7 @@ class MlflowSweepCallback(Callback):
         self.adopted = False
         self.tracking_uri: str | None = None
         self.sweep_dir: Path | None = None
+        self._previous_sigterm: Any = None
 
     def _applies(self, config: DictConfig) -> bool:
         return str(config.hydra.job.name) in self.apps and "mlflow" in config
@@ -93,6 +153,11 @@ class MlflowSweepCallback(Callback):
 
         if not self._applies(config):
             return
+        problem = sweeper_problem(config.hydra)
+        if problem:
+            # Exiting, not raising: Hydra turns a callback's exception into a warning and sweeps on.
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
         mlflow_cfg = OmegaConf.to_container(config.mlflow, resolve=True)
         self.tracking_uri = mlflow_cfg["tracking_uri"]
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -118,7 +183,41 @@ class MlflowSweepCallback(Callback):
         with atomic_path(self.sweep_dir / PARENT_FILE) as tmp:
             tmp.write_text(json.dumps({"run_id": self.run_id, "swept": swept}, indent=2) + "\n")
         os.environ[PARENT_ENV] = self.run_id
+        self._opened()
         log.info("sweep parent MLflow run %s (%s)", self.run_id, self.sweep_dir)
+
+    def _opened(self) -> None:
+        global _open
+        _open = self
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _terminated)
+
+    def _closed(self) -> None:
+        global _open
+        if _open is self:
+            _open = None
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+        os.environ.pop(PARENT_ENV, None)
+        self.run_id = None
+
+    def end_unfinished(self, status: str) -> None:
+        """End the open parent run with ``status`` (FAILED, KILLED) after a crash or an interruption."""
+        from gigaseg.tracking import end_parent_run
+
+        if self.run_id is None:
+            return
+        run_id = self.run_id
+        self._closed()
+        if self.adopted:  # `mlflow run` ends its own run with the command's status
+            return
+        try:
+            summary = end_parent_run(self.tracking_uri, run_id, metric=self.metric, status=status)
+        except Exception as exc:  # noqa: BLE001 (the store may be what failed; the sweep's own error matters more)
+            log.warning("could not end the sweep parent MLflow run %s as %s: %s", run_id, status, exc)
+            return
+        log.info("sweep parent MLflow run %s: %s", run_id, summary)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from gigaseg.tracking import end_parent_run
@@ -132,5 +231,4 @@ class MlflowSweepCallback(Callback):
             terminate=not self.adopted,
         )
         log.info("sweep parent MLflow run %s: %s", self.run_id, summary)
-        os.environ.pop(PARENT_ENV, None)
-        self.run_id = None
+        self._closed()
