@@ -78,6 +78,30 @@ def test_boxes_tiff_has_four_levels_and_reads_every_level():
         assert slide.level_for_downsample(1.9) == 0
 
 
+def test_bounds_offset_is_where_openslide_puts_the_scanned_area(tmp_path):
+    from scn_slides import write_scn_slide
+
+    # A Leica SCN slide: a 120x80 scan at (37, 21) on a 200x130 canvas (OpenSlide's level 0).
+    image = np.full((80, 120, 3), 90, np.uint8)
+    image[:, :, 0] = np.arange(120, dtype=np.uint8)[None, :]
+    path = write_scn_slide(tmp_path / "slide.scn", image, offset=(37, 21), canvas=(200, 130))
+    raw = openslide.OpenSlide(str(path))
+    assert (raw.properties["openslide.bounds-x"], raw.properties["openslide.bounds-y"]) == ("37", "21")
+    raw.close()
+    with open_slide(path) as slide:
+        assert slide.vendor == "leica" and slide.dimensions == (200, 130)
+        assert slide.bounds_offset == (37, 21)
+        # The scan's first pixel is at the offset; the canvas around it is blank (white).
+        corner = slide.read_region((36, 20), 0, (3, 3))
+        assert corner[1:, 1:].tolist() == image[:2, :2].tolist()
+        assert (corner[0] == 255).all() and (corner[:, 0] == 255).all()
+    # Slides scanned edge to edge have no offset.
+    for path in (PROSTATE, OS_FIXTURES / "small.svs"):
+        with open_slide(path) as slide:
+            assert slide.bounds_offset == (0, 0)
+    assert ArrayReader(np.zeros((4, 4, 3), np.uint8)).bounds_offset == (0, 0)
+
+
 def test_transparent_pixels_are_composited_onto_white():
     class Fake:
         def read_region(self, location, level, size):

@@ -52,6 +52,16 @@ class SlideReader(abc.ABC):
         """Scanning magnification at level 0 (e.g. 20 or 40), or None when unknown."""
         return None
 
+    @property
+    def bounds_offset(self) -> tuple[int, int]:
+        """Level-0 (x, y) of the scanned area's top-left corner, (0, 0) when the whole level is scanned.
+
+        QuPath crops MRXS, Leica SCN and other slides whose scan lies inside a larger canvas to
+        that area, so QuPath's (0, 0) is this point: subtract it from level-0 coordinates to get
+        QuPath's, add it to QuPath's (GeoJSON annotations) to get ours.
+        """
+        return (0, 0)
+
     @abc.abstractmethod
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """Read an in-bounds rectangle; implementations need not validate arguments."""

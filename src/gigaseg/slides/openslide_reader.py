@@ -35,6 +35,14 @@ def _float_property(props: dict, key: str) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
+def _int_property(props: dict, key: str) -> int:
+    """An integer property such as ``openslide.bounds-x``; 0 when absent or not an integer."""
+    try:
+        return int(props[key])
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
 class OpenSlideReader(SlideReader):
     """A whole slide image opened with OpenSlide (``openslide-python`` + ``openslide-bin``)."""
 
@@ -74,6 +82,8 @@ class OpenSlideReader(SlideReader):
                 log.warning("%s: ignoring implausible resolution %.4g x %.4g um/px (not a microscope scan)",
                             self.name, mpp_x, mpp_y)
         self._power = _float_property(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+        self._bounds_offset = (_int_property(props, openslide.PROPERTY_NAME_BOUNDS_X),
+                               _int_property(props, openslide.PROPERTY_NAME_BOUNDS_Y))
         # Tiles decoded straight from the file where that gives OpenSlide's pixels (tiff_tiles.py).
         self._tiles = TiffTiles.open(self.path, self.vendor, self._dimensions) if direct_tiles else None
         self._closed = False
@@ -93,6 +103,10 @@ class OpenSlideReader(SlideReader):
     @property
     def objective_power(self) -> float | None:
         return self._power
+
+    @property
+    def bounds_offset(self) -> tuple[int, int]:
+        return self._bounds_offset
 
     @property
     def properties(self) -> dict[str, str]:
