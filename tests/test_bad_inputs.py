@@ -640,12 +640,16 @@ def test_pickled_arrays_are_never_loaded(tmp_path):
     np.savez(tmp_path / "last.npz", step=np.array(3), history=np.array([{"step": 1}], dtype=object))
     with pytest.raises(CheckpointError, match="holds pickled Python objects, which gigaseg never loads"):
         load_checkpoint(tmp_path / "last.npz")
+    from gigaseg.data.maskfile import TILE, write_mask
+    from gigaseg.data.manifest import FORMAT_VERSION
+
     region = tmp_path / "train"
     region.mkdir()
-    (region / "manifest.json").write_text("{}")
-    np.save(region / "image.npy", np.zeros((1, 1, 3), np.uint8))
-    np.save(region / "mask.npy", np.array([[{"pickled": True}]], dtype=object), allow_pickle=True)
-    with pytest.raises(RegionError, match="mask.npy is not a readable .npy array"):
+    (region / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION,
+                                                      "files": {"image": {"name": "image.npy"}}}))
+    write_mask(region / "mask.tiff", iter([np.zeros((TILE, TILE), np.uint8)]), (1, 1))
+    np.save(region / "image.npy", np.array([[[{"pickled": True}] * 3]], dtype=object), allow_pickle=True)
+    with pytest.raises(RegionError, match="image.npy is not a readable .npy array"):
         load_region(region)
 
 

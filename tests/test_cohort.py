@@ -184,9 +184,9 @@ def test_prepare_cohort_writes_each_slide_and_the_index(tmp_path, slides, compos
 
     region = load_region(tmp_path / "out" / "case1" / "r")
     assert region.image.shape == (192, 320, 3)
-    with_mtime = (tmp_path / "out" / "case1" / "r" / "image.npy").stat().st_mtime_ns
+    with_mtime = (tmp_path / "out" / "case1" / "r" / "mask.tiff").stat().st_mtime_ns
     prepare_cohort(cohort, tmp_path / "out", total_stride=STRIDE, progress=False)  # up to date: nothing rewritten
-    assert (tmp_path / "out" / "case1" / "r" / "image.npy").stat().st_mtime_ns == with_mtime
+    assert (tmp_path / "out" / "case1" / "r" / "mask.tiff").stat().st_mtime_ns == with_mtime
 
 
 def test_the_demo_is_a_generated_cohort_of_six_slides(compose):

@@ -122,10 +122,11 @@ def test_prepare_round_trip_with_padding(tmp_path):
     assert manifest["total_stride"] == 16 and manifest["seed"] == 7
     assert manifest["mask"] == {"kind": "red"} and manifest["gigaseg_version"] == gigaseg.__version__
     assert manifest["slide"]["name"] == "slide.tif" and manifest["slide"]["mpp"] == [0.25, 0.25]
-    assert manifest["tissue_fraction"] == pytest.approx(region.mask.mean())
+    assert manifest["tissue_fraction"] == pytest.approx(np.asarray(region.mask).mean())
     assert manifest["labelled_pixels"] == 48 * 80  # no ignore: every pixel, padding included
+    # An in-memory slide has no file to read windows from: its pixels are decoded.
     assert manifest["files"]["image"] == {"name": "image.npy", "shape": [48, 80, 3], "dtype": "uint8"}
-    assert sorted(p.name for p in out.iterdir()) == ["image.npy", "manifest.json", "mask.npy"]
+    assert sorted(p.name for p in out.iterdir()) == ["image.npy", "manifest.json", "mask.tiff"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["region"]
 
 
@@ -162,7 +163,7 @@ def test_prepare_with_geojson_matches_rasterisation(tmp_path):
 def test_prepare_is_deterministic(tmp_path):
     reader = ArrayReader(slide_image(), levels=2, mpp=0.5)
     spec = RegionSpec(4, 2, 60, 30, level=1)
-    files = ("image.npy", "mask.npy", "manifest.json")
+    files = ("image.npy", "mask.tiff", "manifest.json")
     prepare_region(reader, spec, RedMask(), tmp_path / "a", total_stride=16, tile_size=32)
     prepare_region(reader, spec, RedMask(), tmp_path / "b", total_stride=16, tile_size=32)
     first = {f: (tmp_path / "a" / f).read_bytes() for f in files}
@@ -254,33 +255,48 @@ def test_load_region_missing(tmp_path):
         load_region(tmp_path / "empty")
 
 
+def _rewrite_mask(region: Path, mask: np.ndarray) -> None:
+    from gigaseg.data.maskfile import TILE, write_mask
+
+    h, w = mask.shape
+    padded = np.zeros((-(-h // TILE) * TILE, -(-w // TILE) * TILE), np.uint8)
+    padded[:h, :w] = mask
+    tiles = (padded[r : r + TILE, c : c + TILE] for r in range(0, padded.shape[0], TILE)
+             for c in range(0, padded.shape[1], TILE))
+    write_mask(region / "mask.tiff", tiles, (h, w))
+
+
 def test_load_region_bad_mask_values(prepared):
-    mask = np.lib.format.open_memmap(prepared / "mask.npy", mode="r+")
+    mask = np.asarray(load_region(prepared).mask).copy()
     mask[3, 4] = 255  # ignore: a label value
-    mask.flush()
+    _rewrite_mask(prepared, mask)
     assert load_region(prepared).mask[3, 4] == 255
     mask[5, 6] = 7
-    mask.flush()
-    del mask
+    _rewrite_mask(prepared, mask)
+    region = load_region(prepared)  # opening reads headers only; the values are checked as tiles decode
     with pytest.raises(MaskError, match=r"holds value 7; a mask must hold 0 \(background\), 1 \(tissue\) or 255 "
                                         r"\(ignore\); re-run gigaseg-prepare"):
-        load_region(prepared)
+        region.mask[0:4, 0:4]
 
 
 def test_load_region_shape_mismatch(prepared):
-    np.save(prepared / "mask.npy", np.zeros((16, 16), np.uint8))
+    _rewrite_mask(prepared, np.zeros((16, 16), np.uint8))
     with pytest.raises(MaskError, match=r"mask is \(16, 16\) but image is \(16, 32\)"):
         load_region(prepared)
-    np.save(prepared / "mask.npy", np.zeros((16, 32), np.uint16))
-    with pytest.raises(MaskError, match="expected H x W uint8"):
+    (prepared / "mask.tiff").write_bytes(b"II*\x00garbage")
+    with pytest.raises(MaskError, match="mask.tiff is not a readable mask file"):
         load_region(prepared)
 
 
 def test_load_region_corrupt_files(prepared):
+    manifest = (prepared / "manifest.json").read_text()
     (prepared / "manifest.json").write_text("{not json")
     with pytest.raises(RegionError, match="not a readable manifest"):
         load_region(prepared)
     (prepared / "manifest.json").write_text("{}")
+    with pytest.raises(RegionError, match="prepared by another gigaseg version"):
+        load_region(prepared)
+    (prepared / "manifest.json").write_text(manifest)
     (prepared / "image.npy").write_bytes(b"garbage")
     with pytest.raises(RegionError, match="image.npy is not a readable .npy"):
         load_region(prepared)
@@ -306,7 +322,8 @@ class Procedural(SlideReader):
 
 class Stripes(BaseMaskSource):
     def read(self, location, level, size):
-        return np.full((size[1], size[0]), (location[0] // 2048) % 2, np.uint8)
+        columns = (np.arange(location[0], location[0] + size[0]) // 2048) % 2
+        return np.broadcast_to(columns.astype(np.uint8), (size[1], size[0]))
     def describe(self):
         return {"kind": "stripes"}
 
@@ -371,7 +388,7 @@ def test_prepare_synthetic_slide_with_truth_mask(synthetic_slide, tmp_path):
     assert manifest["slide"]["sha256"] and manifest["mask"]["kind"] == "synthetic"
     assert 0.05 < manifest["tissue_fraction"] < 0.95
     # Synthetic truth has no ignore: 0/1 only, every pixel labelled.
-    assert region.mask.max() == 1 and manifest["labelled_pixels"] == region.mask.size
+    assert np.asarray(region.mask).max() == 1 and manifest["labelled_pixels"] == region.mask.size
 
 
 def test_prepare_synthetic_slide_with_openslide(synthetic_slide, tmp_path):
@@ -400,10 +417,10 @@ def test_prepare_fixture_with_bootstrap(tmp_path):
         manifest = prepare_region(reader, RegionSpec(0, 0, w, h, level=level), BootstrapMask(), tmp_path / "r",
                                   total_stride=64)
     region = load_region(tmp_path / "r")
-    assert 0.05 < region.mask.mean() < 0.95
+    assert 0.05 < np.asarray(region.mask).mean() < 0.95
     assert manifest["mask"]["kind"] == "bootstrap" and manifest["slide"]["sha256"]
     # The bootstrap has no ignore: 0/1 only, every pixel labelled.
-    assert region.mask.max() == 1 and manifest["labelled_pixels"] == region.mask.size
+    assert np.asarray(region.mask).max() == 1 and manifest["labelled_pixels"] == region.mask.size
 
 
 def test_prepare_unreadable_slide_leaves_nothing(tmp_path):

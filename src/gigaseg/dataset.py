@@ -131,6 +131,8 @@ class DatasetSpec:
     fit: str = "pad"
     pad_value: tuple[int, int, int] = (242, 242, 242)
     max_region: tuple[int, int] | None = None
+    #: Also write each region's decoded pixels (image.npy) instead of reading windows from the slide.
+    decoded_cache: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     #: The dataset folder: paths under it are written relative in the manifests (default: out_dir's parent).
     root: Path | None = None
@@ -267,7 +269,7 @@ def mask_source_for(spec: DatasetSpec, region: RegionRequest):
 def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = True) -> dict[str, dict]:
     """Prepare every region of ``spec``; regions already prepared from the same request are kept."""
     from gigaseg.data import RegionSpec, prepare_region
-    from gigaseg.data.manifest import read_manifest
+    from gigaseg.data.manifest import FORMAT_VERSION, file_sha256, read_manifest
     from gigaseg.slides import open_slide
 
     spec.validate()
@@ -288,6 +290,13 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
                    if r.kind == "auto" else r for r in regions]
     recipe = ensure_synthetic_slide(spec, recipe, progress=progress)
     manifests: dict[str, dict] = {}
+    digest: list[str] = []
+
+    def slide_digest() -> str:  # hashed once, and only when a prepared region may be kept
+        if not digest:
+            digest.append(file_sha256(spec.slide_path))
+        return digest[0]
+
     with open_slide(spec.slide_path) as reader:
         if not rectangles:
             from gigaseg.data.region_kinds import resolve
@@ -307,6 +316,7 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
                 "pad_value": list(spec.pad_value),
                 "total_stride": total_stride,
                 "synthetic": recipe,
+                "decoded_cache": spec.decoded_cache,
             }
             manifest_path = out / "manifest.json"
             if manifest_path.exists():
@@ -314,7 +324,8 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
                 from gigaseg.data.manifest import relative_paths
 
                 wanted = relative_paths({"request": json.loads(json.dumps(request))}, out, spec.root)["request"]
-                if old.get("request") == wanted:
+                if (old.get("request") == wanted and old.get("format_version") == FORMAT_VERSION
+                        and (old.get("slide") or {}).get("sha256") == slide_digest()):
                     log.info("region %s is up to date in %s", region.name, out)
                     manifests[region.name] = old
                     continue
@@ -338,6 +349,7 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
                     progress=progress,
                     slide_path=spec.slide_path,
                     dataset_dir=spec.root,
+                    decoded_cache=spec.decoded_cache,
                 )
             except RegionError as exc:  # say which configured region, not only which rectangle
                 raise RegionError(f"data.regions.{region.name}: {exc}") from exc
@@ -353,6 +365,7 @@ def prepare_cohort(
     fit: str = "pad",
     pad_value: tuple[int, int, int] = DEFAULT_PAD_VALUE,
     max_region: tuple[int, int] | None = None,
+    decoded_cache: bool = False,
     progress: bool = True,
 ) -> list[dict]:
     """Prepare every region of every slide of a :class:`gigaseg.data.cohort.Cohort` and write its index.
@@ -371,6 +384,7 @@ def prepare_cohort(
     for slide in tqdm(cohort.slides, desc="slides", unit="slide", disable=not progress or len(cohort.slides) < 2):
         folder = out_dir / slide.name
         spec = slide_spec(slide, folder, fit=fit, pad_value=pad_value, max_region=max_region)
+        spec.decoded_cache = decoded_cache
         spec.root = out_dir.parent  # the dataset folder, which holds the demo's slides too
         try:
             manifests = prepare_dataset(spec, total_stride=total_stride, progress=progress)

@@ -104,7 +104,7 @@ def run(cfg: DictConfig) -> list[dict]:
     return prepare_cohort(
         cohort, Path(data["prepared_dir"]), total_stride=total_stride(plain["model"]), fit=data.get("fit", "pad"),
         pad_value=tuple(data.get("pad_value")), max_region=None if data.get("max_region") is None else tuple(data["max_region"]),
-        progress=True,
+        decoded_cache=bool(data.get("decoded_cache", False)), progress=True,
     )
 
 

@@ -146,6 +146,8 @@ class DataSchema:
     pad_value: tuple[int, ...] = DEFAULT_PAD_VALUE
     #: Cap region sizes (height, width); debug=smoke sets it.
     max_region: Optional[tuple[int, ...]] = None
+    #: Keep each region's decoded pixels (image.npy, 3 bytes a pixel) instead of reading windows from the slide.
+    decoded_cache: bool = DatasetSpec.decoded_cache
 
 
 @dataclass

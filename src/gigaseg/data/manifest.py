@@ -20,8 +20,9 @@ from gigaseg.errors import RegionError
 
 MANIFEST_NAME = "manifest.json"
 IMAGE_NAME = "image.npy"
-MASK_NAME = "mask.npy"
-FORMAT_VERSION = 1
+MASK_NAME = "mask.tiff"
+#: 2: the mask as a tiled TIFF, pixels read from the slide unless decoded to image.npy.
+FORMAT_VERSION = 2
 
 #: Keys of the manifest that ``extra_manifest`` may not override.
 RESERVED_KEYS = frozenset(
@@ -89,6 +90,7 @@ def slide_facts(reader: Any, slide_path: str | Path | None) -> dict:
         "name": path.name if path is not None else reader.name,
         "path": str(path) if path is not None else None,
         "sha256": file_sha256(path) if path is not None and path.is_file() else None,
+        "bytes": path.stat().st_size if path is not None and path.is_file() else None,
         "dimensions": list(reader.dimensions),
         "level_count": reader.level_count,
         "level_downsamples": [float(d) for d in reader.level_downsamples],
@@ -144,14 +146,18 @@ def build_manifest(
     labelled_pixels: int,
     image_shape: tuple[int, ...],
     mask_shape: tuple[int, ...],
+    decoded: bool,
     extra: dict | None = None,
 ) -> dict:
     """Assemble the manifest; ``extra`` (e.g. ``{"seed": 3}``) is merged at the top level.
 
     ``tissue_fraction`` is the share of mask pixels that are 1 over the whole fitted region,
     padding included (padding is background). ``labelled_pixels`` counts the pixels that are
-    0 or 1, i.e. not ignore (255): those the loss and the metrics see.
+    0 or 1, i.e. not ignore (255): those the loss and the metrics see. ``decoded`` says
+    whether the pixels were written to ``image.npy``; otherwise they are read from the slide.
     """
+    image = {"shape": list(image_shape), "dtype": "uint8"}
+    image.update({"name": IMAGE_NAME} if decoded else {"source": "slide"})
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "gigaseg_version": gigaseg.__version__,
@@ -162,7 +168,7 @@ def build_manifest(
         "tissue_fraction": float(tissue_fraction),
         "labelled_pixels": int(labelled_pixels),
         "files": {
-            "image": {"name": IMAGE_NAME, "shape": list(image_shape), "dtype": "uint8"},
+            "image": image,
             "mask": {"name": MASK_NAME, "shape": list(mask_shape), "dtype": "uint8"},
             "manifest": {"name": MANIFEST_NAME},
         },

@@ -1,7 +1,8 @@
-"""Prepare a region for training (image.npy, mask.npy, manifest.json, written atomically) and load it back."""
+"""Prepare a region for training (mask.tiff, manifest.json and, when decoded, image.npy; written atomically) and load it back."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -13,9 +14,10 @@ import numpy as np
 from tqdm import tqdm
 
 from gigaseg.atomic import remove_stale_temporaries, temporary_name, write_errors
-from gigaseg.data.labels import BACKGROUND, IGNORE, TISSUE, LabelCounts, count_labels
+from gigaseg.data.labels import LabelCounts, count_labels
 from gigaseg.data.manifest import (
     IMAGE_NAME,
+    FORMAT_VERSION,
     MANIFEST_NAME,
     MASK_NAME,
     build_manifest,
@@ -25,10 +27,12 @@ from gigaseg.data.manifest import (
     slide_facts,
     write_manifest,
 )
+from gigaseg.data.maskfile import TILE, TiledMask, write_mask
 from gigaseg.data.masks import MaskSource, check_mask_tile
 from gigaseg.data.regions import DEFAULT_PAD_VALUE, FittedRegion, RegionSpec, fit_region
 from gigaseg.data.tilefile import create_npy, tiles
 from gigaseg.errors import MaskError, RegionError, SlideError
+from gigaseg.data.windows import SlideWindows, reads_are_positional
 from gigaseg.slides.base import SlideReader
 
 log = logging.getLogger(__name__)
@@ -46,24 +50,61 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_region(reader: SlideReader, region: FittedRegion, mask_source: MaskSource, tmp: Path,
-                  tile_size: int, progress: bool) -> LabelCounts:
-    """Write image.npy and mask.npy into ``tmp`` tile by tile; return the pixels of each label."""
+def _mask_tiles(region: FittedRegion, mask_source: MaskSource, totals: np.ndarray, progress: bool, name: str):
+    """The region's mask as full TILE x TILE tiles in row-major order, counting its labels into ``totals``.
+
+    The mask source is read a band of tiles at a time (padding, right and bottom, is background).
+    """
     width, height = region.size
     read_w, read_h = region.read_size
-    totals = np.zeros(len(LabelCounts._fields), dtype=np.int64)
     ignore = bool(getattr(mask_source, "produces_ignore", False))
+    band_w = 8 * TILE
+    for row in tqdm(range(0, height, TILE), desc=f"mask of {name}", unit="band", disable=not progress):
+        h = min(TILE, height - row)
+        for col in range(0, width, band_w):
+            w = min(band_w, width - col)
+            band = np.zeros((TILE, -(-w // TILE) * TILE), np.uint8)
+            in_w, in_h = max(0, min(w, read_w - col)), max(0, min(h, read_h - row))
+            if in_w and in_h:
+                location = region.level0(col, row)
+                band[:in_h, :in_w] = check_mask_tile(mask_source.read(location, region.level, (in_w, in_h)),
+                                                     (in_w, in_h), f"mask source {type(mask_source).__name__}",
+                                                     ignore=ignore)
+            totals += count_labels(band[:h, :w])
+            for left in range(0, band.shape[1], TILE):
+                yield band[:, left : left + TILE]
+
+
+def _write_mask(region: FittedRegion, mask_source: MaskSource, tmp: Path, progress: bool, name: str) -> LabelCounts:
+    """Write the region's mask (``mask.tiff``) into ``tmp``; return the pixels of each label."""
+    totals = np.zeros(len(LabelCounts._fields), dtype=np.int64)
+    width, height = region.size
+    with open(tmp / MASK_NAME, "wb") as f:
+        write_mask(f, _mask_tiles(region, mask_source, totals, progress, name), (height, width))
+        f.flush()
+        os.fsync(f.fileno())
+    return LabelCounts(*(int(v) for v in totals))
+
+
+def _read_image(reader: SlideReader, region: FittedRegion, tile_size: int, progress: bool,
+                image_path: Path | None) -> None:
+    """Read the region's pixels tile by tile, writing them to ``image_path`` (a decoded copy) when given.
+
+    Without a copy to write the pixels are still read once: a tile the slide cannot give
+    fails preparation, not a training run hours later.
+    """
+    width, height = region.size
+    read_w, read_h = region.read_size
     pad_tile = np.empty((tile_size, tile_size, 3), dtype=np.uint8)
     pad_tile[:] = region.pad_value
-    zero_mask = np.zeros((tile_size, tile_size), dtype=np.uint8)
     grid = list(tiles(height, width, tile_size))
-    with create_npy(tmp / IMAGE_NAME, (height, width, 3)) as image_file, \
-            create_npy(tmp / MASK_NAME, (height, width)) as mask_file:
-        for row, col, h, w in tqdm(grid, desc=f"preparing {reader.name}", unit="tile", disable=not progress):
+    with contextlib.ExitStack() as stack:
+        image_file = None if image_path is None else stack.enter_context(create_npy(image_path, (height, width, 3)))
+        verb = "decoding" if image_file is not None else "reading"
+        for row, col, h, w in tqdm(grid, desc=f"{verb} {reader.name}", unit="tile", disable=not progress):
             # The part of this tile inside the read (in-slide) area; the rest is padding.
             in_w, in_h = max(0, min(w, read_w - col)), max(0, min(h, read_h - row))
             image = pad_tile[:h, :w].copy() if (in_w, in_h) != (w, h) else None
-            mask = zero_mask[:h, :w].copy() if image is not None else None
             if in_w and in_h:
                 location = region.level0(col, row)
                 try:
@@ -74,19 +115,14 @@ def _write_region(reader: SlideReader, region: FittedRegion, mask_source: MaskSo
                         f"{region.level}: tile at level-0 {location} of {in_w}x{in_h} px failed ({exc}); "
                         "the slide file may be corrupt"
                     ) from exc
-                labels = check_mask_tile(mask_source.read(location, region.level, (in_w, in_h)), (in_w, in_h),
-                                         f"mask source {type(mask_source).__name__}", ignore=ignore)
                 if image is None:
-                    image, mask = pixels, labels
+                    image = pixels
                 else:
                     image[:in_h, :in_w] = pixels
-                    mask[:in_h, :in_w] = labels
-            image_file.write(row, col, image)
-            mask_file.write(row, col, mask)
-            totals += count_labels(mask)
-        image_file.sync()
-        mask_file.sync()
-    return LabelCounts(*(int(v) for v in totals))
+            if image_file is not None:
+                image_file.write(row, col, image)
+        if image_file is not None:
+            image_file.sync()
 
 
 def prepare_region(
@@ -103,8 +139,16 @@ def prepare_region(
     progress: bool = False,
     slide_path: str | Path | None = None,
     dataset_dir: str | Path | None = None,
+    decoded_cache: bool = False,
 ) -> dict:
-    """Write a region's pixels, mask and manifest into ``out_dir``; return the manifest.
+    """Write a region's mask and manifest into ``out_dir``; return the manifest.
+
+    The region's pixels stay in the slide: training reads its windows from the slide file
+    (:class:`gigaseg.data.windows.SlideWindows`). They are decoded into ``image.npy`` only
+    with ``decoded_cache``, or when windows could differ from the whole region's pixels (a
+    level whose downsample is not a whole number, a region starting between level pixels) or
+    the reader has no file to reopen (an in-memory slide). Either way every pixel is read
+    once, so a slide that cannot be read fails here.
 
     Pixels are read tile by tile (memory for a few tiles only, whatever the region size).
     Everything is built in a temporary sibling folder that replaces ``out_dir`` only when
@@ -118,7 +162,11 @@ def prepare_region(
     check_extra(extra_manifest)  # fail before the long work, not after it
     out_dir = Path(out_dir)
     region = fit_region(reader, spec, total_stride=total_stride, fit=fit, pad_value=pad_value)
-    slide = slide_facts(reader, slide_path if slide_path is not None else getattr(reader, "path", None))
+    slide_file = slide_path if slide_path is not None else getattr(reader, "path", None)
+    slide = slide_facts(reader, slide_file)
+    from_slide = (slide_file is not None and Path(slide_file).is_file()
+                  and reads_are_positional(reader, region.x, region.y, region.level))
+    decoded = decoded_cache or not from_slide
     with write_errors(out_dir):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out_dir, (_BUILDING, _REPLACED))  # left by runs killed on this host
@@ -138,7 +186,8 @@ def prepare_region(
                             f"{reader.name}: cannot read the region at level-0 ({region.x}, {region.y}), level "
                             f"{region.level}, for the {getattr(mask_source, 'kind', 'mask')} mask ({exc})"
                         ) from exc
-                counts = _write_region(reader, region, mask_source, tmp, tile_size, progress)
+                _read_image(reader, region, tile_size, progress, tmp / IMAGE_NAME if decoded else None)
+                counts = _write_mask(region, mask_source, tmp, progress, out_dir.name)
                 mask_desc = mask_source.describe()
             finally:
                 close = getattr(mask_source, "close", None)
@@ -155,6 +204,7 @@ def prepare_region(
                 labelled_pixels=counts.labelled,
                 image_shape=(height, width, 3),
                 mask_shape=(height, width),
+                decoded=decoded,
                 extra=extra_manifest,
             )
             manifest = relative_paths(manifest, out_dir, dataset_dir)
@@ -184,38 +234,43 @@ def prepare_region(
 
 @dataclass(frozen=True)
 class Region:
-    """A prepared region: read-only memory-mapped pixels and mask, and its manifest."""
+    """A prepared region: its pixels and mask, read a window at a time, and its manifest."""
 
-    image: np.ndarray  # H x W x 3 uint8, memory-mapped read-only
-    mask: np.ndarray  # H x W uint8 0 background, 1 tissue, 255 ignore; memory-mapped read-only
+    image: SlideWindows | np.ndarray  # H x W x 3 uint8: windows of the slide, or a read-only memory map
+    mask: TiledMask  # H x W uint8: 0 background, 1 tissue, 255 ignore
     manifest: dict[str, Any]
     path: Path
 
 
-_LABEL_VALUES = (BACKGROUND, TISSUE, IGNORE)
+def _slide_windows(path: Path, manifest: dict, hint: str) -> SlideWindows:
+    """The region's pixels as windows of the slide the manifest names, after checking it is the same file."""
+    slide, region = manifest.get("slide") or {}, manifest.get("region") or {}
+    if not slide.get("path"):
+        raise RegionError(f"{path}: the manifest names no slide file to read the pixels from; {hint}")
+    file = (path / slide["path"]).resolve()
+    if not file.is_file():
+        raise RegionError(f"{path}: its slide {file} is missing; restore the slide (dvc pull) or {hint}")
+    if slide.get("bytes") is not None and file.stat().st_size != slide["bytes"]:
+        raise RegionError(f"{path}: its slide {file} changed since the region was prepared "
+                          f"({file.stat().st_size} bytes, was {slide['bytes']}); {hint}")
+    try:
+        width, height = int(region["width"]), int(region["height"])
+        padding = region["padding"]
+        return SlideWindows(
+            file, x=int(region["x"]), y=int(region["y"]), level=int(region["level"]),
+            downsample=float(region["downsample"]), size=(width, height),
+            read_size=(width - int(padding["right"]), height - int(padding["bottom"])),
+            pad_value=tuple(int(v) for v in padding["value"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RegionError(f"{path}: the manifest's region is incomplete ({exc!r}); {hint}") from exc
 
 
-def _unknown_value(path: Path, chunk_bytes: int = 1 << 24) -> int | None:
-    """A byte of a uint8 .npy's data that is no label value, or None; read in chunks (no mapping, bounded memory)."""
-    mm = np.load(path, mmap_mode="r", allow_pickle=False)
-    offset, nbytes = int(mm.offset), int(mm.nbytes)
-    del mm
-    with open(path, "rb") as f:
-        for start in range(0, nbytes, chunk_bytes):
-            f.seek(offset + start)
-            block = np.frombuffer(f.read(min(chunk_bytes, nbytes - start)), dtype=np.uint8)
-            present = np.flatnonzero(np.bincount(block, minlength=256))
-            unknown = np.setdiff1d(present, _LABEL_VALUES)
-            if unknown.size:
-                return int(unknown[0])
-    return None
-
-
-def load_region(path: str | Path, *, check_mask: bool = True) -> Region:
+def load_region(path: str | Path) -> Region:
     """Open a folder written by ``prepare_region``, checking that its files agree with each other.
 
-    With ``check_mask`` the mask is scanned once (in chunks) to confirm it holds only
-    0 (background), 1 (tissue) and 255 (ignore).
+    Nothing is read but the manifest and the files' headers; the mask's values are checked
+    as its tiles are decoded.
     """
     path = Path(path)
     hint = "re-run gigaseg-prepare for this region"
@@ -225,34 +280,31 @@ def load_region(path: str | Path, *, check_mask: bool = True) -> Region:
     if not manifest_path.is_file():
         raise RegionError(f"{path} has no {MANIFEST_NAME}; it is not a prepared region; {hint}")
     manifest = read_manifest(manifest_path)
-    arrays = {}
-    for name in (IMAGE_NAME, MASK_NAME):
-        file = path / name
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise RegionError(f"{path} was prepared by another gigaseg version (format "
+                          f"{manifest.get('format_version')}, this one reads {FORMAT_VERSION}); {hint}")
+    files = manifest.get("files", {})
+    if not (path / MASK_NAME).is_file():
+        raise RegionError(f"{path} has no {MASK_NAME}; {hint}")
+    mask = TiledMask(path / MASK_NAME)
+    if "name" in files.get("image", {}):
+        file = path / IMAGE_NAME
         if not file.is_file():
-            raise RegionError(f"{path} has no {name}; {hint}")
+            raise RegionError(f"{path} has no {IMAGE_NAME}; {hint}")
         try:
-            arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
+            image = np.load(file, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise RegionError(f"{file} is not a readable .npy array ({exc}); {hint}") from exc
-    image, mask = arrays[IMAGE_NAME], arrays[MASK_NAME]
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise RegionError(f"{path / IMAGE_NAME} is {image.shape} {image.dtype}, expected H x W x 3 uint8; {hint}")
-    if mask.ndim != 2 or mask.dtype != np.uint8:
-        raise MaskError(f"{path / MASK_NAME} is {mask.shape} {mask.dtype}, expected H x W uint8; {hint}")
-    if mask.shape != image.shape[:2]:
-        raise MaskError(f"{path}: mask is {mask.shape} but image is {image.shape[:2]} (h x w); {hint}")
-    files = manifest.get("files", {})
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise RegionError(f"{file} is {image.shape} {image.dtype}, expected H x W x 3 uint8; {hint}")
+    else:
+        image = _slide_windows(path, manifest, hint)
+    if tuple(mask.shape) != tuple(image.shape[:2]):
+        raise MaskError(f"{path}: mask is {tuple(mask.shape)} but image is {tuple(image.shape[:2])} (h x w); {hint}")
     for key, array in (("image", image), ("mask", mask)):
         expected = files.get(key, {}).get("shape")
         if expected is not None and list(array.shape) != list(expected):
             raise RegionError(
                 f"{path}: {key} is {tuple(array.shape)} but the manifest says {tuple(expected)}; {hint}"
-            )
-    if check_mask:
-        unknown = _unknown_value(path / MASK_NAME)
-        if unknown is not None:
-            raise MaskError(
-                f"{path / MASK_NAME} holds value {unknown}; a mask must hold 0 (background), 1 (tissue) "
-                f"or 255 (ignore); {hint}"
             )
     return Region(image=image, mask=mask, manifest=manifest, path=path)

@@ -1,0 +1,115 @@
+"""A prepared region's label mask as a compressed tiled TIFF, written tile by tile and read a window at a time.
+
+A 16000x64000 mask is 1 GB as raw bytes but mostly long runs of one label: deflated in
+512x512 tiles it shrinks by two to three orders of magnitude, and a window needs only the
+tiles it touches. Any TIFF reader opens the file (0 background, 1 tissue, 255 ignore).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from gigaseg.data.labels import IGNORE, TISSUE
+from gigaseg.data.windows import LazyArray
+from gigaseg.errors import MaskError
+
+#: Side of the mask's square tiles.
+TILE = 512
+#: Bytes of decoded mask tiles kept per mask (a 2304x2304 tile window touches 25 tiles: 6.6 MB).
+CACHE_BYTES = 16 * 2**20
+
+
+def write_mask(path: str | os.PathLike, tiles: Iterator[np.ndarray], shape: tuple[int, int]) -> None:
+    """Write an H x W uint8 mask given as full ``TILE`` x ``TILE`` tiles in row-major order (edges padded)."""
+    # No software tag, date or metadata: the same mask gives the same bytes (DVC keeps their digest).
+    tifffile.imwrite(path, tiles, shape=tuple(shape), dtype=np.uint8, tile=(TILE, TILE), compression="zlib",
+                     photometric="minisblack", metadata=None, software=False)
+
+
+class TiledMask(LazyArray):
+    """The H x W uint8 mask of a file written by :func:`write_mask`; tiles decoded on demand, a few kept."""
+
+    def __init__(self, path: str | os.PathLike, cache_bytes: int = CACHE_BYTES) -> None:
+        self.path = Path(path)
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                page = tif.pages[0]
+                ok = (isinstance(page, tifffile.TiffPage) and page.is_tiled and page.samplesperpixel == 1
+                      and page.bitspersample == 8 and page.tiledepth == 1)
+                if not ok:
+                    raise MaskError(f"{self.path} is not a tiled 8-bit one-channel mask; re-run gigaseg-prepare")
+                self.shape = (int(page.imagelength), int(page.imagewidth))
+                self.tile_h, self.tile_w = int(page.tilelength), int(page.tilewidth)
+                self._offsets = np.asarray(page.dataoffsets, np.int64)
+                self._counts = np.asarray(page.databytecounts, np.int64)
+                self._decode = page.decode
+        except (OSError, tifffile.TiffFileError, IndexError, ValueError) as exc:
+            raise MaskError(f"{self.path} is not a readable mask file ({exc}); re-run gigaseg-prepare") from exc
+        self.dtype = np.dtype(np.uint8)
+        self._cols = -(-self.shape[1] // self.tile_w)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
+        self.cache_limit = int(cache_bytes)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"TiledMask({str(self.path)!r}, {self.shape[1]}x{self.shape[0]})"
+
+    def close(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _read(self, top: int, left: int, bottom: int, right: int) -> np.ndarray:
+        out = np.empty((bottom - top, right - left), np.uint8)
+        if out.size == 0:
+            return out
+        for ty in range(top // self.tile_h, (bottom - 1) // self.tile_h + 1):
+            y0 = ty * self.tile_h
+            r0, r1 = max(top, y0), min(bottom, y0 + self.tile_h)
+            for tx in range(left // self.tile_w, (right - 1) // self.tile_w + 1):
+                x0 = tx * self.tile_w
+                c0, c1 = max(left, x0), min(right, x0 + self.tile_w)
+                out[r0 - top : r1 - top, c0 - left : c1 - left] = self._tile(ty * self._cols + tx)[
+                    r0 - y0 : r1 - y0, c0 - x0 : c1 - x0]
+        return out
+
+    def _tile(self, index: int) -> np.ndarray:
+        with self._lock:
+            tile = self._cache.get(index)
+            if tile is not None:
+                self._cache.move_to_end(index)
+                return tile
+        count = int(self._counts[index])
+        data = os.pread(self._fd, count, int(self._offsets[index]))
+        try:
+            if len(data) != count:
+                raise ValueError(f"{len(data)} of its {count} bytes in the file")
+            decoded, _, _ = self._decode(data, index)
+            tile = np.asarray(decoded, np.uint8).reshape(self.tile_h, self.tile_w)
+        except Exception as exc:  # noqa: BLE001 - tifffile and its codecs raise many kinds
+            raise MaskError(f"{self.path}: tile {index} cannot be decoded ({exc}); re-run gigaseg-prepare") from exc
+        if np.any((tile > TISSUE) & (tile != IGNORE)):
+            value = int(tile[(tile > TISSUE) & (tile != IGNORE)][0])
+            raise MaskError(f"{self.path} holds value {value}; a mask must hold 0 (background), 1 (tissue) "
+                            "or 255 (ignore); re-run gigaseg-prepare")
+        tile.setflags(write=False)
+        with self._lock:
+            if index not in self._cache:
+                self._cache[index] = tile
+                self._cache_bytes += tile.nbytes
+                while self._cache_bytes > self.cache_limit and len(self._cache) > 1:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_bytes -= old.nbytes
+        return tile
