@@ -138,6 +138,7 @@ def sweep_job() -> tuple[str | None, dict[str, str]]:
 def run(cfg: DictConfig) -> float | None:
     """Train as the composed config says; returns the final validation Dice (for sweepers)."""
     from gigaseg.atomic import atomic_path
+    from gigaseg.cli.history import HistoryTables
     from gigaseg.data.cohort import INDEX_NAME
     from gigaseg.data.manifest import file_sha256
     from gigaseg.plots import overlay_png, plot_curves
@@ -241,7 +242,8 @@ def run(cfg: DictConfig) -> float | None:
                 config,
                 checkpoint_dir=output_dir / "checkpoints",
                 resume=checkpoint,
-                logger=tracked,
+                # Also as CSV tables beside the run's other files, for dvc plots.
+                logger=HistoryTables(output_dir / "history", tracked),
                 replicas=replicas,
             )
             tracked.set_tags({"gigaseg.tiled": str(result.tiled), "gigaseg.tile_size": str(result.tile_size),
