@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import tifffile
+from scipy import ndimage
 from conftest import FIXTURES
 
 from gigaseg.data.geojson import load_annotations, rasterise
@@ -91,7 +94,7 @@ def test_padded_level_reads_the_slide_and_pads_with_the_background():
 
 def test_predicted_mask_tiff_opens_in_openslide_with_geometry_mpp_and_description(model, synthetic_slide, tmp_path):
     options = PredictOptions(level=0, kind="binary", threshold=0.5, tile_size=256, tiff_tile_size=256,
-                             min_area_um2=0.0, progress=False)
+                             min_area_um2=0.0, simplify_um=0.0, progress=False)
     summary = predict_slide(model, synthetic_slide, tmp_path / "out", options, extra_summary={"model_uri": "m"})
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["mask.tiff", "outlines.geojson", "overlay.png", "summary.json"]
@@ -122,6 +125,70 @@ def test_predicted_mask_tiff_opens_in_openslide_with_geometry_mpp_and_descriptio
     polygons = load_annotations(out / "outlines.geojson")
     assert summary["pieces"] == len(polygons) > 0
     assert np.array_equal(rasterise(polygons, (0, 0), 1.0, (700, 300)), mask > 0)
+    assert summary["outline_vertices"] == summary["outline_vertices_traced"] > 0  # simplify_um=0
+    assert summary["bounds_offset"] == [0, 0]
+
+
+def test_outlines_are_simplified_to_half_a_pixel_by_default(model, synthetic_slide, tmp_path):
+    options = PredictOptions(level=0, kind="binary", tile_size=256, tiff_tile_size=256, min_area_um2=0.0,
+                             progress=False)
+    summary = predict_slide(model, synthetic_slide, tmp_path, options)
+    # Level 0 at 0.5 um/px, traced at full resolution: half a pixel is 0.25 um.
+    assert summary["simplify_um"] is None and summary["outline_downsample"] == 1.0
+    assert summary["simplify_tolerance_px"] == 0.5 and summary["simplify_tolerance_um"] == pytest.approx(0.25)
+    features = json.loads((tmp_path / "outlines.geojson").read_text())["features"]
+    written = sum(len(ring) - 1 for f in features for ring in f["geometry"]["coordinates"])
+    assert written == summary["outline_vertices"] < 0.8 * summary["outline_vertices_traced"]
+    # Every pixel the simplified outlines give differently from the mask touches its outline.
+    with open_slide(tmp_path / "mask.tiff") as mask_slide:
+        tissue = mask_slide.read_region((0, 0), 0, (700, 300))[..., 0] > 0
+    redrawn = rasterise(load_annotations(tmp_path / "outlines.geojson"), (0, 0), 1.0, (700, 300)) > 0
+    edge = tissue ^ ndimage.binary_erosion(tissue, border_value=1)
+    edge |= ~tissue & ndimage.binary_dilation(tissue)
+    assert (redrawn != tissue).any() and not ((redrawn != tissue) & ~edge).any()
+    # A coarser tolerance keeps fewer still.
+    coarse = predict_slide(model, synthetic_slide, tmp_path / "coarse", replace(options, simplify_um=2.0))
+    assert coarse["simplify_tolerance_px"] == 4.0 and coarse["outline_vertices"] < summary["outline_vertices"]
+    assert coarse["outline_vertices_traced"] == summary["outline_vertices_traced"]
+
+
+def test_outlines_are_written_in_qupath_coordinates_of_a_slide_with_bounds(model, synthetic_slide, tmp_path):
+    from gigaseg.outlines import tissue_outlines
+    from gigaseg.simplify import simplify_outlines
+    from scn_slides import write_scn_slide
+
+    # The synthetic slide's pixels as a Leica SCN scan at (37, 21) of a larger canvas, which
+    # OpenSlide reports as openslide.bounds-x/y and QuPath takes as its origin.
+    with open_slide(synthetic_slide) as slide:
+        image = slide.read_region((0, 0), 0, (700, 300))
+    scn = write_scn_slide(tmp_path / "slide.scn", image, offset=(37, 21), canvas=(800, 360))
+    options = PredictOptions(level=0, kind="binary", tile_size=256, tiff_tile_size=256, min_area_um2=0.0,
+                             progress=False)
+    summary = predict_slide(model, scn, tmp_path / "out", options)
+    assert summary["bounds_offset"] == [37, 21] and (summary["width"], summary["height"]) == (800, 360)
+    # The same outlines in OpenSlide's level-0 coordinates, from the mask (which covers OpenSlide's level 0).
+    with open_slide(tmp_path / "out" / "mask.tiff") as mask_slide:
+        tissue = mask_slide.read_region((0, 0), 0, (800, 360))[..., 0] > 0
+    expected = simplify_outlines(tissue_outlines(tissue), summary["simplify_tolerance_px"])
+    features = json.loads((tmp_path / "out" / "outlines.geojson").read_text())["features"]
+    assert len(features) == len(expected) > 0
+    for feature, rings in zip(features, expected):
+        written = feature["geometry"]["coordinates"]
+        assert len(written) == len(rings)
+        for ring, want in zip(written, rings):
+            assert np.array_equal(np.array(ring) + (37, 21), want)
+    # Read back as annotations on the slide, QuPath's coordinates land on the mask's own pixels.
+    from gigaseg.data.geojson import GeoJSONMask
+    from gigaseg.data.regions import RegionSpec, fit_region
+
+    source = GeoJSONMask(tmp_path / "out" / "outlines.geojson")
+    with open_slide(scn) as slide:
+        region = fit_region(slide, RegionSpec(x=0, y=0, width=800, height=360, level=0), total_stride=1)
+        source.attach(slide, region, tmp_path)
+    redrawn = source.read((0, 0), 0, (800, 360)) == 1
+    assert (redrawn == tissue).mean() > 0.99
+    assert not ((redrawn != tissue) & ~(tissue ^ ndimage.binary_erosion(tissue, border_value=1))
+                & ~(~tissue & ndimage.binary_dilation(tissue))).any()
 
 
 def test_probability_mask_at_a_coarser_level_and_speck_filter(model, synthetic_slide, tmp_path):

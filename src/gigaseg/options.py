@@ -180,6 +180,9 @@ class PredictOptions:
     pad_value: tuple[int, ...] = DEFAULT_PAD_VALUE
     #: Outlines are traced on a copy of the mask downsampled by a power of two to at most this many Mpx.
     outline_max_mpx: float = 16.0
+    #: How far (um; level-0 pixels without an mpp) a simplified outline may stray from the traced
+    #: pixel edges; None: half a pixel of the traced mask (docs/PREDICTION.md); 0: not simplified.
+    simplify_um: float | None = None
     #: Threads decoding slide windows ahead of the model.
     readers: int = 1
     #: Tiles computed at once, in threads (each adds one tile's memory); 3 kept two cores busiest.
@@ -211,6 +214,9 @@ class PredictOptions:
             raise tile_below_halo(str(self.tile_size), halo, unit)
         if self.min_area_um2 < 0:
             raise ConfigError(f"min_area_um2 must be zero or positive, got {self.min_area_um2}")
+        if self.simplify_um is not None and not (math.isfinite(self.simplify_um) and self.simplify_um >= 0):
+            raise ConfigError(f"simplify_um must be zero or positive (um), got {self.simplify_um}; "
+                              "null for half a pixel of the traced mask, 0 for no simplification")
         if self.outline_max_mpx <= 0:
             raise ConfigError(f"outline_max_mpx must be positive, got {self.outline_max_mpx}")
         if self.readers < 1:

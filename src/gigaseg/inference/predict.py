@@ -68,6 +68,22 @@ def choose_level(
     return 0
 
 
+def outline_tolerance(simplify_um: float | None, base_mpp: float | None, outline_pixel: float, name: str) -> float:
+    """The outline simplification tolerance in level-0 pixels.
+
+    ``simplify_um`` None is half a pixel of the traced mask (``outline_pixel`` level-0 pixels):
+    the traced pixel edges are themselves that far from where a boundary crossing the pixel
+    could lie. Without an mpp, ``simplify_um`` is taken as level-0 pixels, as ``min_area_um2`` is.
+    """
+    if simplify_um is None:
+        return 0.5 * outline_pixel
+    if base_mpp is None:
+        if simplify_um:
+            log.warning("%s records no mpp: simplify_um=%g is taken as level-0 pixels", name, simplify_um)
+        return float(simplify_um)
+    return float(simplify_um) / base_mpp
+
+
 class OutlineGrid:
     """A downsampled binary tissue mask filled block by block: one cell per ``factor`` x ``factor`` pixels, majority vote."""
 
@@ -173,6 +189,7 @@ def predict_slide(
     summary (model URI, MLflow run id, ...).
     """
     from gigaseg.outlines import tissue_outlines, write_geojson
+    from gigaseg.simplify import simplify_outlines, vertex_count
     from gigaseg.streaming import TiledEngine
 
     start = time.perf_counter()
@@ -221,11 +238,20 @@ def predict_slide(
         # Specks are dropped by area in level-0 pixels: um^2 over level-0 mpp^2, or pixels^2 without mpp.
         base_mpp = None if slide.mpp is None else float(np.mean(slide.mpp))
         min_area = options.min_area_um2 / base_mpp**2 if base_mpp else options.min_area_um2
+        outline_pixel = grid.factor * downsample
+        tolerance = outline_tolerance(options.simplify_um, base_mpp, outline_pixel, slide.name)
+        bounds_x, bounds_y = slide.bounds_offset
         # The thumbnail is decoded (outside the GIL) while the outlines are traced.
         with ThreadPoolExecutor(1, thread_name_prefix="gigaseg-thumbnail") as pool, _collections_paused():
             thumbnail = pool.submit(slide_thumbnail, slide, options.thumbnail_size)
-            outlines = tissue_outlines(grid.mask, downsample=grid.factor * downsample, min_area=min_area)
-            write_geojson(outlines, output_dir / OUTLINES_FILE)
+            traced = tissue_outlines(grid.mask, downsample=outline_pixel, min_area=min_area)
+            outlines = simplify_outlines(traced, tolerance, pixel=outline_pixel)
+            vertices = (vertex_count(traced), vertex_count(outlines))
+            log.info("%s: outlines simplified to %.3g level-0 px (%s): %d -> %d vertices", slide.name, tolerance,
+                     "no mpp" if base_mpp is None else f"{tolerance * base_mpp:.3g} um", *vertices)
+            # GeoJSON in QuPath's coordinates, whose origin is the scanned area's corner.
+            qupath = [[ring - (bounds_x, bounds_y) for ring in rings] for rings in outlines]
+            write_geojson(qupath, output_dir / OUTLINES_FILE)
             image, scale = thumbnail.result()
             write_overlay(output_dir / OVERLAY_FILE, image, outlines, scale)
 
@@ -247,7 +273,13 @@ def predict_slide(
         "tissue_area_mm2": None if level_mpp is None else tissue * level_mpp**2 / 1e6,
         "pieces": len(outlines),
         "min_area_um2": options.min_area_um2,
-        "outline_downsample": grid.factor * downsample,
+        "outline_downsample": outline_pixel,
+        "simplify_um": options.simplify_um,
+        "simplify_tolerance_px": tolerance,
+        "simplify_tolerance_um": None if base_mpp is None else tolerance * base_mpp,
+        "outline_vertices_traced": vertices[0],
+        "outline_vertices": vertices[1],
+        "bounds_offset": [bounds_x, bounds_y],
         "mpx": mpx,
         "predict_seconds": predict_seconds,
         "seconds": seconds,
