@@ -237,3 +237,39 @@ def test_mask_source_at_level_and_wrong_coordinate_space(tmp_path):
     far = GeoJSONMask(write(tmp_path, feature(polygon(rect(500, 500, 600, 600))), "far.geojson"))
     with pytest.raises(MaskError, match="entirely outside.*level-0 pixels"):
         far.attach(reader, region, tmp_path)
+
+
+def test_qupath_coordinates_land_on_the_slide_pixels_of_a_slide_with_bounds(tmp_path):
+    from scn_slides import write_scn_slide
+
+    from gigaseg.data.region_kinds import annotation_regions
+    from gigaseg.dataset import RegionRequest
+    from gigaseg.slides import open_slide
+
+    # A Leica SCN scan at (37, 21) of a 200x130 canvas; QuPath's (0, 0) is the scan's corner.
+    # The scan holds a dark 30x20 square at (10, 5) of it; a QuPath annotation drawn around it
+    # must cover the same pixels of OpenSlide's level 0, at (47, 26).
+    scan = np.full((80, 120, 3), 235, np.uint8)
+    scan[5:25, 10:40] = (90, 30, 110)
+    path = write_scn_slide(tmp_path / "slide.scn", scan, offset=(37, 21), canvas=(200, 130))
+    annotations = write(tmp_path, feature(polygon(rect(10, 5, 40, 25)), "Tissue"))
+    source = GeoJSONMask(annotations, classes=["Tissue"])
+    with open_slide(path) as slide:
+        assert slide.bounds_offset == (37, 21)
+        region = fit_region(slide, RegionSpec(0, 0, 200, 130, level=0), total_stride=1)
+        source.attach(slide, region, tmp_path)
+        mask = source.read((0, 0), 0, (200, 130))
+        dark = slide.read_region((0, 0), 0, (200, 130)).sum(axis=2) < 400
+        # At level 1 too (each level-1 pixel's centre decides).
+        half = source.read((0, 0), 1, (100, 65))
+        regions = annotation_regions(slide, RegionRequest(name="a", kind="annotations", annotation_class="Tissue"),
+                                     annotations)
+    assert dark.sum() == 600 and np.array_equal(mask == 1, dark)
+    # Level-1 pixel (r, c) has its centre at level-0 (2c + 1, 2r + 1): inside for 47 <= 2c + 1 < 77, 26 <= 2r + 1 < 46.
+    assert np.array_equal(np.argwhere(half == 1), np.argwhere(np.pad(np.ones((10, 15)), ((13, 42), (23, 62)))))
+    # An annotation region is the annotation's box on the slide's pixels.
+    assert [(r.x, r.y, r.width, r.height) for r in regions] == [(47, 26, 30, 20)]
+    # attach again (another region of the slide) does not move the polygons twice.
+    with open_slide(path) as slide:
+        source.attach(slide, region, tmp_path)
+        assert np.array_equal(source.read((0, 0), 0, (200, 130)) == 1, dark)

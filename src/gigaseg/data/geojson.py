@@ -40,6 +40,14 @@ class Polygon:
     label: str  # where it came from, for error messages
     classification: str | None
 
+    def shifted(self, dx: float, dy: float) -> "Polygon":
+        """The polygon moved by (dx, dy) level-0 pixels."""
+        if not (dx or dy):
+            return self
+        xmin, ymin, xmax, ymax = self.bbox
+        edges = self.edges + np.array([dx, dy, dx, dy], dtype=np.float64)
+        return Polygon(edges, (xmin + dx, ymin + dy, xmax + dx, ymax + dy), self.label, self.classification)
+
 
 def _ring(raw: Any, where: str) -> np.ndarray:
     if not isinstance(raw, list):
@@ -224,6 +232,10 @@ class LabelledPolygons:
     def bboxes(self, role: str) -> np.ndarray:
         return self._bboxes[role]
 
+    def shifted(self, dx: float, dy: float) -> "LabelledPolygons":
+        """Every polygon moved by (dx, dy) level-0 pixels."""
+        return LabelledPolygons(**{role: tuple(p.shifted(dx, dy) for p in getattr(self, role)) for role in ROLES})
+
 
 def parse_labelled(data: Any, labels: LabelClasses, *, source: str = "GeoJSON") -> LabelledPolygons:
     """The tissue, background and ignore polygons of a QuPath GeoJSON export, sorted by ``labels``.
@@ -388,6 +400,9 @@ def check_inside(polygons: Sequence[Polygon], width: float, height: float, name:
 class GeoJSONMask(BaseMaskSource):
     """Label mask rasterised from a QuPath GeoJSON export (coordinates in level-0 pixels).
 
+    QuPath's coordinates start at the slide's scanned area (``SlideReader.bounds_offset``, e.g.
+    for MRXS); ``attach`` moves the polygons onto the slide's own level-0 pixels.
+
     ``labels`` says which classes are tissue, background or ignore (default: every
     annotation is tissue, the rest background). ``classes`` is the older way to name the
     tissue classes alone: ``classes=["Tissue"]`` is ``labels=LabelClasses(tissue=("Tissue",))``.
@@ -406,13 +421,16 @@ class GeoJSONMask(BaseMaskSource):
         labels.validate()
         self.path = Path(path)
         self.labels = labels
-        self.layers = load_labelled(self.path, labels)
+        self.annotated = load_labelled(self.path, labels)  # in QuPath's coordinates
+        self.layers = self.annotated
         self.polygons = list(self.layers.all)
         self.produces_ignore = labels.unannotated == "ignore" or bool(self.layers.ignore)
         self._downsamples: tuple[float, ...] | None = None
         self._sha256: str | None = None
 
     def attach(self, reader: SlideReader, region: FittedRegion, workdir: Path) -> None:
+        self.layers = self.annotated.shifted(*reader.bounds_offset)
+        self.polygons = list(self.layers.all)
         self.check_bounds(reader)
         self._downsamples = tuple(float(d) for d in reader.level_downsamples)
 

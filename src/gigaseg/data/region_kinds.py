@@ -125,8 +125,10 @@ def annotation_regions(reader: SlideReader, region: RegionRequest, geojson: Path
     polygons = load_annotations(path, classes=[region.annotation_class])
     level = region_level(reader, region)
     ds = float(reader.level_downsamples[level])
+    # QuPath's coordinates start at the scanned area's corner, ours at the slide's.
+    offset = np.array(reader.bounds_offset * 2, dtype=np.float64)
     out = []
-    for index, (x0, y0, x1, y1) in enumerate(bounding_boxes(polygons)):
+    for index, (x0, y0, x1, y1) in enumerate(bounding_boxes(polygons) + offset):
         x, y = max(0, int(math.floor(x0))), max(0, int(math.floor(y0)))
         width = max(1, int(math.ceil((x1 - x) / ds)))
         height = max(1, int(math.ceil((y1 - y) / ds)))
