@@ -373,10 +373,17 @@ def registered_version(tracking_uri: str, name: str, *, alias: str | None = None
                             f"(its versions: {', '.join(map(str, versions)) or 'none'})") from exc
 
 
+def version_download_uri(tracking_uri: str, name: str, version: str) -> str:
+    """Where the files of version ``version`` of the registered model ``name`` are, looked up in this store's registry."""
+    return _client(tracking_uri).get_model_version_download_uri(name, version)
+
+
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    # The registry of this store, not of whichever store the process set globally last
+    # (MlflowClient falls back to the global one); MLFLOW_REGISTRY_URI still names another.
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri)
 
 
 def experiment_id_for(tracking_uri: str, experiment_name: str, artifact_location: str | None = None) -> str:

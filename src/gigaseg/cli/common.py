@@ -170,7 +170,7 @@ def resolve_model(uri: str, tracking_uri: str, into: Path) -> Path:
         return Path(uri).expanduser()
     from mlflow.artifacts import download_artifacts
 
-    from gigaseg.tracking import TrackingError, registered_version
+    from gigaseg.tracking import TrackingError, registered_version, version_download_uri
 
     asked = uri
     registered = _REGISTERED.match(uri)
@@ -182,7 +182,7 @@ def resolve_model(uri: str, tracking_uri: str, into: Path) -> Path:
             raise ModelError(f"model_uri={uri}: {exc}") from exc
         if alias:
             log.info("model_uri=%s is version %s of %s", uri, version, name)
-        uri = f"models:/{name}/{version}"
+        uri = version_download_uri(tracking_uri, name, version)
     try:
         return Path(download_artifacts(artifact_uri=uri, dst_path=str(into), tracking_uri=tracking_uri))
     except Exception as exc:  # MLflow raises MlflowException, OSError, REST errors, ...

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gigaseg.cli.common import CONFIG_PATH, run_hydra, start, to_plain, user_errors
+from gigaseg.cli.common import CONFIG_PATH, resolve_model, run_hydra, start, to_plain, user_errors
 from gigaseg.cli.schema import PredictAppSchema
 from gigaseg.data.cohort import find_slides, slide_name
 from gigaseg.errors import ConfigError
@@ -54,23 +54,6 @@ def expand_slides(argv: list[str]) -> list[str]:
     if expanded and not {"-m", "--multirun"} & set(out):
         out.insert(0, "--multirun")
     return out
-
-
-def resolve_model(uri: str, tracking_uri: str, into: Path) -> Path:
-    """A local path for a model URI: ``runs:/`` and ``models:/`` (and other MLflow URIs) are downloaded into ``into``."""
-    from gigaseg.inference import ModelError
-
-    if uri.startswith("file://"):
-        return Path(uri[len("file://"):])
-    if "://" not in uri and not uri.startswith(("runs:/", "models:/")):
-        return Path(uri).expanduser()
-    from mlflow.artifacts import download_artifacts
-
-    try:
-        return Path(download_artifacts(artifact_uri=uri, dst_path=str(into), tracking_uri=tracking_uri))
-    except Exception as exc:  # MLflow raises MlflowException, OSError, REST errors, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model_uri={uri}: cannot fetch it from the MLflow store {tracking_uri} ({first})") from exc
 
 
 def predict_options(plain: dict[str, Any], threshold: float):

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 APPS = {"prepare": "gigaseg.cli.prepare", "train": "gigaseg.cli.train", "predict": "gigaseg.cli.predict",
-        "evaluate": "gigaseg.cli.evaluate"}
+        "evaluate": "gigaseg.cli.evaluate", "export": "gigaseg.cli.export"}
 PIPELINES = {"main": ("prepare", "train"), **{name: (name,) for name in APPS}}
 
 

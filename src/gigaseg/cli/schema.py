@@ -25,6 +25,7 @@ from gigaseg.options import DEFAULT_PAD_VALUE, PredictOptions, TrainConfig, UNet
 TRAIN_SCHEMA = "train_schema"
 PREDICT_SCHEMA = "predict_schema"
 EVALUATE_SCHEMA = "evaluate_schema"
+EXPORT_SCHEMA = "export_schema"
 
 
 def mirror(cls: type, name: str, *, drop: tuple[str, ...] = (), replace: dict[str, tuple[Any, Any]] | None = None) -> type:
@@ -72,6 +73,15 @@ class MlflowSchema:
     run_name: Optional[str] = None
     #: MLflow's own CPU/memory sampling, logged as system/* metrics.
     log_system_metrics: bool = True
+
+
+@dataclass
+class TrainMlflowSchema(MlflowSchema):
+    #: Register the logged model (the best by validation Dice) under this name in the model
+    #: registry, as a new version; None: no registration.
+    register_as: Optional[str] = None
+    #: The alias the new version gets (models:/<register_as>@<alias>); it moves from any older version.
+    alias: str = "champion"
 
 
 @dataclass
@@ -169,6 +179,7 @@ class CommonSchema:
 class TrainAppSchema(CommonSchema):
     """gigaseg-prepare and gigaseg-train."""
 
+    mlflow: TrainMlflowSchema = field(default_factory=TrainMlflowSchema)
     model: UNetLayout = field(default_factory=UNetLayout)
     data: DataSchema = field(default_factory=DataSchema)
     train: TrainSchema = field(default_factory=TrainSchema)
@@ -219,12 +230,23 @@ class EvaluateAppSchema(CommonSchema):
     log_mlflow: bool = True
 
 
+@dataclass
+class ExportAppSchema(CommonSchema):
+    """gigaseg-export."""
+
+    #: runs:/<run id>/model, models:/<name>/<version or @alias>, an MLflow model folder or a .keras file.
+    model_uri: str = MISSING
+    #: The Keras file to write (its name ends in .keras); an existing file is replaced.
+    out: str = MISSING
+
+
 def register() -> None:
     """Store the schemas under the names the primary configs' defaults lists use."""
     store = ConfigStore.instance()
     store.store(name=TRAIN_SCHEMA, node=TrainAppSchema)
     store.store(name=PREDICT_SCHEMA, node=PredictAppSchema)
     store.store(name=EVALUATE_SCHEMA, node=EvaluateAppSchema)
+    store.store(name=EXPORT_SCHEMA, node=ExportAppSchema)
 
 
 register()

@@ -49,6 +49,21 @@ def train_config(train_cfg: dict[str, Any]):
     return config
 
 
+def registration(plain: dict[str, Any]) -> tuple[str, str] | None:
+    """``(mlflow.register_as, mlflow.alias)`` checked before any work is done; None without ``register_as``."""
+    from gigaseg.tracking import check_registration
+
+    name = plain["mlflow"].get("register_as")
+    if not name:
+        return None
+    if not plain["train"].get("log_model", True):
+        raise ConfigError(f"mlflow.register_as={name} registers the model the run logs, but train.log_model=false; "
+                          "set train.log_model=true or drop mlflow.register_as")
+    alias = str(plain["mlflow"].get("alias") or "")
+    check_registration(str(name), alias)
+    return str(name), alias
+
+
 def config_hash(params: dict[str, str], data_digests: list[str]) -> str:
     """What makes two runs the same experiment: model, data and train options and the data's digests.
 
@@ -153,6 +168,7 @@ def run(cfg: DictConfig) -> float | None:
     plain = to_plain(cfg)
     root = Path(plain["paths"]["root"])
     config = train_config(plain["train"])
+    registered = registration(plain)
     kwargs = model_kwargs(plain["model"])
     tracking_uri = plain["mlflow"]["tracking_uri"]
     distributed = distributed_config(plain.get("distributed"))
@@ -275,6 +291,11 @@ def run(cfg: DictConfig) -> float | None:
                 )
                 tracked.set_tags({"gigaseg.model_uri": uri})
                 log.info("model logged as %s", uri)
+                if registered:
+                    name, alias = registered
+                    version = tracked.register_model(uri, name, alias)
+                    log.info("model registered as %s version %s with alias %s (models:/%s@%s)",
+                             name, version, alias, name, alias)
             log.info("final metrics: %s", json.dumps(result.metrics, sort_keys=True))
     return result.metrics.get("val_dice")
 

@@ -1,6 +1,6 @@
 """Whole-slide inference: load a trained model, predict a slide tile by tile, write mask, outlines, overlay and summary."""
 
-from gigaseg.inference.models import LoadedModel, ModelError, load_model, read_mlmodel
+from gigaseg.inference.models import LoadedModel, ModelError, load_model, read_mlmodel, save_keras
 from gigaseg.inference.predict import (
     PredictOptions,
     choose_level,
@@ -21,6 +21,7 @@ __all__ = [
     "predict_level_blocks",
     "predict_slide",
     "read_mlmodel",
+    "save_keras",
     "write_mask_tiff",
     "write_summary",
 ]

@@ -2,7 +2,8 @@
 
 Keras loads the architecture from its JSON config with ``safe_mode=True`` (no lambdas, no
 pickles); the metadata training records with the model (level, mpp, total stride,
-threshold) is read from the folder's ``MLmodel`` file with a YAML safe loader.
+threshold) is read from the folder's ``MLmodel`` file with a YAML safe loader, or from the
+``gigaseg.json`` member that ``save_keras`` adds to an exported ``.keras`` file.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 #: Where ``mlflow.tensorflow.log_model`` puts a Keras 3 model inside the model folder.
 KERAS_FILE = Path("data") / "model.keras"
 DEFAULT_THRESHOLD = 0.5
+#: The member of an exported ``.keras`` file (a zip) that holds the training metadata; Keras ignores it.
+METADATA_MEMBER = "gigaseg.json"
 
 
 class ModelError(GigasegError):
@@ -72,6 +75,41 @@ def _keras_file(folder: Path, spec: dict[str, Any]) -> Path:
     )
 
 
+def save_keras(loaded: LoadedModel, path: str | os.PathLike) -> None:
+    """Write ``loaded``'s model to the ``.keras`` file ``path``, with its training metadata and run id inside.
+
+    ``keras.saving.load_model`` reads the file as any other; ``load_model`` here also gets the
+    level, mpp and threshold back, so a prediction from the file matches one from the MLflow model.
+    """
+    import json
+    import zipfile
+
+    import keras
+
+    keras.saving.save_model(loaded.model, path)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(METADATA_MEMBER, json.dumps({"metadata": loaded.metadata, "run_id": loaded.run_id},
+                                                     indent=2, sort_keys=True))
+
+
+def _keras_metadata(path: Path) -> tuple[dict[str, Any], str | None]:
+    """The metadata and run id ``save_keras`` put in a ``.keras`` file; ({}, None) for other ``.keras`` files."""
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if METADATA_MEMBER not in archive.namelist():
+                return {}, None
+            recorded = json.loads(archive.read(METADATA_MEMBER))
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return {}, None  # Keras names what is wrong with the file when it loads it
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("metadata"), dict):
+        raise ModelError(f"{path}: its {METADATA_MEMBER} does not hold gigaseg metadata; the file is damaged")
+    run_id = recorded.get("run_id")
+    return dict(recorded["metadata"]), None if run_id is None else str(run_id)
+
+
 def _optional_float(value: Any, name: str, where: Path) -> float | None:
     if value is None:
         return None
@@ -99,6 +137,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         run_id = spec.get("run_id")
     elif path.suffix == ".keras":
         keras_file = path
+        metadata, run_id = _keras_metadata(path)
     else:
         raise ModelError(f"{path} is neither an MLflow model folder nor a .keras file")
 
