@@ -60,7 +60,9 @@ def test_prepare_then_dvc_add_push_pull_round_trip(repo):
     data = repo / "data"
     prepare_dataset(_tiny_dataset(data), total_stride=64, progress=False)
     before = _digests(data)
-    assert {"train/image.npy", "train/mask.npy", "train/manifest.json", "slide.tiff"} <= set(before)
+    # A prepared region is its mask and manifest: training reads the pixels from slide.tiff.
+    assert {"train/mask.tiff", "train/manifest.json", "slide.tiff"} <= set(before)
+    assert not any(name.endswith(".npy") for name in before)
     _dvc("add", "-q", "data", cwd=repo)
     assert (repo / "data.dvc").is_file()
     assert "up to date" in _dvc("status", cwd=repo).lower()
