@@ -1,8 +1,9 @@
 """The steps of the DVC pipeline (``dvc.yaml``) that no other command does on its own.
 
-``config`` writes the composed config sections each stage depends on, ``slide`` makes only
-the synthetic slide, ``score`` writes the validation metrics of a trained checkpoint. Each
-takes the same Hydra overrides as ``gigaseg-train``, so ``conf/`` stays the one source of values.
+``params`` writes ``params.yaml`` as ``dvc exp run`` does (``conf/pipeline_params.yaml``
+composed with Hydra overrides), ``slide`` makes only the synthetic slides, ``score`` writes the
+validation metrics of a trained checkpoint. Like ``gigaseg-prepare`` and ``gigaseg-train`` in the
+pipeline, ``slide`` and ``score`` compose ``conf/pipeline.yaml``: the values of ``params.yaml``.
 """
 
 from __future__ import annotations
@@ -14,20 +15,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gigaseg.atomic import atomic_path
-from gigaseg.cli.common import PACKAGE_CONFIGS, config_path, to_plain, user_errors
+from gigaseg.cli.common import PACKAGE_CONFIGS, config_path, project_root, to_plain, user_errors
 from gigaseg.errors import ConfigError
 
 log = logging.getLogger("gigaseg.pipeline")
 
-#: The config sections written by ``config``, one file each.
-SECTIONS = ("data", "model", "train")
+#: The primary config every stage composes: the schema, common settings and params.yaml.
+STAGE_CONFIG = "pipeline"
+#: The primary config DVC composes into params.yaml (``hydra.config_name`` in ``.dvc/config``).
+PARAMS_CONFIG = "pipeline_params"
 
 
-def compose(overrides: list[str]) -> dict[str, Any]:
-    """``conf/config.yaml`` composed with ``overrides`` and resolved, as plain Python."""
+def compose(overrides: list[str], config_name: str = STAGE_CONFIG) -> dict[str, Any]:
+    """``conf/<config_name>.yaml`` composed with ``overrides`` and resolved, as plain Python."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -40,25 +41,34 @@ def compose(overrides: list[str]) -> dict[str, Any]:
         context = (initialize_config_module(config_module="gigaseg.conf", version_base="1.3")
                    if where == PACKAGE_CONFIGS else initialize_config_dir(config_dir=where, version_base="1.3"))
         with context:
-            return to_plain(hydra_compose("config", overrides=list(overrides)))
+            return to_plain(hydra_compose(config_name, overrides=list(overrides)))
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"cannot compose the config with {' '.join(overrides) or 'no overrides'}: {exc}") from exc
+        raise ConfigError(f"cannot compose {config_name} with {' '.join(overrides) or 'no overrides'}: {exc}") from exc
     finally:
         GlobalHydra.instance().clear()
 
 
-def write_sections(config: dict[str, Any], out_dir: Path) -> list[Path]:
-    """One YAML file per section (``data.yaml``, ...), written only when its text changes."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in SECTIONS:
-        path = out_dir / f"{name}.yaml"
-        text = yaml.safe_dump({name: config[name]}, sort_keys=True)
-        if not path.is_file() or path.read_text() != text:
-            with atomic_path(path) as tmp:
-                tmp.write_text(text)
-        written.append(path)
-    return written
+def write_params(overrides: list[str], path: Path) -> Path:
+    """``params.yaml`` exactly as ``dvc exp run -S <override> ...`` writes it (DVC's own composer)."""
+    from dvc.utils.hydra import compose_and_dump
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    import gigaseg.cli.pipeline_schema  # noqa: F401  (stores the schema pipeline_params.yaml names)
+
+    where = config_path()
+    if where == PACKAGE_CONFIGS:
+        raise ConfigError(f"no conf/ in the project folder {project_root()}: params.yaml belongs to a checkout")
+    GlobalHydra.instance().clear()
+    try:
+        with atomic_path(path, suffix=".yaml") as tmp:
+            compose_and_dump(tmp, where, None, PARAMS_CONFIG, str(project_root()), list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"cannot compose {PARAMS_CONFIG} with {' '.join(overrides) or 'no overrides'}: {exc}") from exc
+    finally:
+        GlobalHydra.instance().clear()
+    return path
 
 
 def make_slide(config: dict[str, Any]) -> list[dict]:
@@ -101,9 +111,9 @@ def score(config: dict[str, Any], checkpoint: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gigaseg.cli.pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    config_cmd = commands.add_parser("config", help="write the composed data/model/train sections")
-    config_cmd.add_argument("--out", type=Path, required=True, help="folder for data.yaml, model.yaml, train.yaml")
-    commands.add_parser("slide", help="generate the synthetic slide of the data config")
+    params_cmd = commands.add_parser("params", help="write params.yaml as dvc exp run composes it")
+    params_cmd.add_argument("--out", type=Path, default=None, help="file to write (default: params.yaml in the project)")
+    commands.add_parser("slide", help="generate the synthetic slides of params.yaml's data section")
     score_cmd = commands.add_parser("score", help="validation metrics of a checkpoint, as a DVC metrics file")
     score_cmd.add_argument("--checkpoint", type=Path, required=True)
     score_cmd.add_argument("--metrics", type=Path, required=True, help="JSON file to write")
@@ -112,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     with user_errors():
+        if args.command == "params":
+            log.info("wrote %s", write_params(args.overrides, args.out or project_root() / "params.yaml"))
+            return 0
         config = compose(args.overrides)
-        if args.command == "config":
-            for path in write_sections(config, args.out):
-                log.info("wrote %s", path)
-        elif args.command == "slide":
+        if args.command == "slide":
             log.info("slide recipe: %s", make_slide(config))
         else:
             metrics = score(config, args.checkpoint)
