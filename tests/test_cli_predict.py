@@ -69,6 +69,8 @@ def test_predict_the_prostate_fixture_from_a_runs_uri_and_track_it(store, tmp_pa
     assert run.data.params["tile_size"] == "512"
     assert run.data.metrics["tissue_fraction"] == pytest.approx(summary["tissue_fraction"])
     assert run.data.metrics["pieces"] == summary["pieces"]
+    assert run.data.metrics["outline_vertices"] == summary["outline_vertices"] <= summary["outline_vertices_traced"]
+    assert run.data.metrics["outline_vertices_traced"] == summary["outline_vertices_traced"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "outlines.geojson", "overlay.png", "config.yaml"} <= artifacts
     assert "mask.tiff" not in artifacts
@@ -112,9 +114,10 @@ def test_a_folder_of_slides_is_one_joblib_multirun_with_a_folder_per_slide(store
     assert sorted(r.info.run_id for r in runs) == sorted(s["mlflow_run_id"] for s in summaries)
 
 
-def test_bad_input_prints_one_line_and_exits_non_zero(tmp_path):
+def test_bad_input_prints_one_line_and_exits_non_zero(model, tmp_path):
     # An empty store: the slide is checked before the model is fetched, and the run id below does not exist.
     env = command_env(tmp_path / "mlflow.db")
+    model.save(tmp_path / "m.keras")
     model_run_id = "0123456789abcdef0123456789abcdef"
     common = [f"hydra.run.dir={tmp_path}/out", "log_mlflow=false"]
     not_a_slide = tmp_path / "notes.tiff"
@@ -126,6 +129,7 @@ def test_bad_input_prints_one_line_and_exits_non_zero(tmp_path):
         ([f"model_uri={tmp_path}/nothing.keras", f"slide={PROSTATE}"], "no such model"),
         ([f"slide={PROSTATE}"], "model_uri=... is required"),
         ([f"model_uri=runs:/{model_run_id}/model", f"slides={tmp_path}/empty*"], "no slides found"),
+        ([f"model_uri={tmp_path}/m.keras", f"slide={PROSTATE}", "simplify_um=-1"], "simplify_um must be zero or positive"),
     ]
     for overrides, message in cases:
         result = _predict(*overrides, *common, env=env, cwd=tmp_path)

@@ -393,3 +393,20 @@ def test_block_sums_add_whole_blocks_like_numpy(factor):
     w2 = 100 // factor
     expected = strided[: h * factor, : w2 * factor].reshape(h, factor, w2, factor).astype(np.int64).sum(axis=(1, 3))
     np.testing.assert_array_equal(block_sums(strided, factor), expected)
+
+
+def test_outline_tolerance_is_half_a_traced_pixel_or_the_option_in_um_or_pixels_without_mpp(caplog):
+    from gigaseg.inference.predict import outline_tolerance
+
+    assert outline_tolerance(None, 0.25, 8.0, "s") == 4.0  # traced at downsample 8: half of it
+    assert outline_tolerance(None, None, 1.0, "s") == 0.5
+    assert outline_tolerance(1.0, 0.25, 8.0, "s") == 4.0  # 1 um at 0.25 um per level-0 pixel
+    assert outline_tolerance(0.0, 0.25, 8.0, "s") == 0.0
+    with caplog.at_level("WARNING"):
+        assert outline_tolerance(3.0, None, 8.0, "slide.tiff") == 3.0
+    assert "slide.tiff records no mpp: simplify_um=3 is taken as level-0 pixels" in caplog.text
+
+
+def test_negative_simplify_um_is_refused(model, synthetic_slide, tmp_path):
+    with pytest.raises(ConfigError, match="simplify_um must be zero or positive"):
+        predict_slide(model, synthetic_slide, tmp_path, PredictOptions(tile_size=512, simplify_um=-0.5))

@@ -65,7 +65,9 @@ def predict_options(plain: dict[str, Any], threshold: float):
             level=plain["level"], mpp=plain["mpp"], kind=str(plain["kind"]), threshold=float(threshold),
             tile_size=int(plain["tile_size"]), tiff_tile_size=int(plain["tiff_tile_size"]),
             min_area_um2=float(plain["min_area_um2"]), pad_value=tuple(plain["pad_value"]),
-            outline_max_mpx=float(plain["outline_max_mpx"]), readers=int(plain["readers"]),
+            outline_max_mpx=float(plain["outline_max_mpx"]),
+            simplify_um=None if plain["simplify_um"] is None else float(plain["simplify_um"]),
+            readers=int(plain["readers"]),
             workers=int(plain["workers"]),
             jit_compile=bool(plain["jit_compile"]),
             compression_level=int(plain["compression_level"]), thumbnail_size=int(plain["thumbnail_size"]),
@@ -135,7 +137,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary = predict_slide(
             loaded.model, slide, output_dir, options, extra_summary={**extra, "mlflow_run_id": tracked.run_id}, **kwargs
         )
-        metrics = {k: summary[k] for k in ("seconds", "mpx", "mpx_per_s", "tissue_fraction", "tissue_area_mm2", "pieces")}
+        metrics = {k: summary[k] for k in ("seconds", "mpx", "mpx_per_s", "tissue_fraction", "tissue_area_mm2", "pieces",
+                                           "outline_vertices_traced", "outline_vertices")}
         tracked.log_metrics(metrics, step=0)
         tracked.set_tags({"gigaseg.level": str(summary["level"])})
         for name in ("summary.json", "outlines.geojson", "overlay.png") + (("mask.tiff",) if plain.get("log_mask") else ()):
