@@ -118,3 +118,19 @@ def test_tiled_mask_round_trip(tmp_path):
     np.testing.assert_array_equal(stored[-1], mask[-1])
     assert stored[250, 350] == 1 and len(stored._cache) <= 3  # the cache stays within its bytes
     assert (tmp_path / "m.tiff").stat().st_size < mask.nbytes / 5
+
+
+def test_a_region_prepared_with_relative_paths_finds_its_slide_from_anywhere(slide, tmp_path, monkeypatch):
+    path, mask = slide
+    (tmp_path / "data" / "slides").mkdir(parents=True)
+    (tmp_path / "data" / "slides" / "s.tiff").write_bytes(path.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    relative = "data/slides/s.tiff"
+    with open_slide(relative) as reader:
+        manifest = prepare_region(reader, RegionSpec(0, 0, 256, 128), SyntheticMask(mask), "data/prepared/s/r",
+                                  total_stride=64, slide_path=relative, dataset_dir="data")
+    assert manifest["slide"]["path"] == "../../../slides/s.tiff"  # inside the dataset folder: relative to the region
+    monkeypatch.chdir(tmp_path / "data" / "slides")
+    region = load_region(tmp_path / "data" / "prepared" / "s" / "r")
+    with open_slide(path) as reader:
+        np.testing.assert_array_equal(region.image[:, :], reader.read_region((0, 0), 0, (256, 128)))

@@ -88,7 +88,9 @@ def slide_facts(reader: Any, slide_path: str | Path | None) -> dict:
     path = Path(slide_path) if slide_path is not None else None
     facts: dict[str, Any] = {
         "name": path.name if path is not None else reader.name,
-        "path": str(path) if path is not None else None,
+        # Absolute, so that the region finds its slide from any working directory (relative_paths
+        # then writes it relative to the region when the slide lies in the dataset folder).
+        "path": str(path.resolve()) if path is not None else None,
         "sha256": file_sha256(path) if path is not None and path.is_file() else None,
         "bytes": path.stat().st_size if path is not None and path.is_file() else None,
         "dimensions": list(reader.dimensions),
@@ -114,7 +116,8 @@ def relative_paths(manifest: Any, region_dir: Path, base: Path | None = None) ->
     if isinstance(manifest, dict):
         out = {}
         for key, value in manifest.items():
-            if isinstance(key, str) and key.endswith("path") and isinstance(value, str) and os.path.isabs(value):
+            if isinstance(key, str) and key.endswith("path") and isinstance(value, str) and value:
+                # A relative path is relative to the working directory, as the user gave it.
                 resolved = Path(value).resolve()
                 if resolved == base or base in resolved.parents:
                     value = os.path.relpath(resolved, Path(region_dir).resolve())
