@@ -410,3 +410,19 @@ def test_outline_tolerance_is_half_a_traced_pixel_or_the_option_in_um_or_pixels_
 def test_negative_simplify_um_is_refused(model, synthetic_slide, tmp_path):
     with pytest.raises(ConfigError, match="simplify_um must be zero or positive"):
         predict_slide(model, synthetic_slide, tmp_path, PredictOptions(tile_size=512, simplify_um=-0.5))
+
+
+def test_thumbnail_of_a_level_whose_downsample_is_a_little_over_two(tmp_path):
+    from gigaseg.inference.overlay import slide_thumbnail
+
+    # Level 1 is 600x550 under a 1201x1101 level 0 (halved and rounded down, as Aperio does):
+    # downsample 2.0017, so the strip at level-1 row 512 starts at level-0 row 1024.9.
+    image = np.random.default_rng(0).integers(0, 256, (1101, 1201, 3), dtype=np.uint8)
+    path = tmp_path / "odd.tiff"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, tile=(256, 256), photometric="rgb")
+        tif.write(image[:1100:2, :1200:2], tile=(256, 256), photometric="rgb", subfiletype=1)
+    with open_slide(path) as slide:
+        assert slide.level_dimensions == ((1201, 1101), (600, 550)) and slide.level_downsamples[1] > 2
+        thumbnail, scale = slide_thumbnail(slide, 512)
+    assert thumbnail.shape == (469, 512, 3) and scale == pytest.approx((1201 / 512, 1101 / 469))

@@ -38,7 +38,9 @@ def slide_thumbnail(slide: SlideReader, max_side: int = 1024) -> tuple[np.ndarra
     strips = []
     for top in range(0, height, _STRIP_ROWS):
         rows = min(_STRIP_ROWS, height - top)
-        strip = slide.read_region((0, round(top * ds)), level, (width, rows))
+        # Rounded down: at a downsample a little over a whole number (a level halved and rounded
+        # down), rounding up puts the last strip's end past the level.
+        strip = slide.read_region((0, math.floor(top * ds)), level, (width, rows))
         strips.append(strip[(-top) % step :: step, ::step])
     image = Image.fromarray(np.concatenate(strips))
     image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
