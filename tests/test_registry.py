@@ -188,3 +188,26 @@ def test_registry_and_export_errors_are_one_line(registered, tmp_path):
     assert not (tmp_path / "m.keras").exists()
     # The training errors came before any run was opened.
     assert len(client.search_runs([client.get_experiment_by_name("gigaseg").experiment_id])) == runs_before
+
+
+@pytest.mark.slow
+def test_mlflow_project_export_entry_point_passes_paths_with_spaces(tmp_path, model):
+    """``mlflow run . -e export`` hands model_uri and out to gigaseg-export as the other entry points do."""
+    import sys
+
+    import keras
+
+    from conftest import ROOT
+
+    (tmp_path / "my models").mkdir()
+    (tmp_path / "out dir").mkdir()
+    source, out = tmp_path / "my models" / "in.keras", tmp_path / "out dir" / "out.keras"
+    keras.saving.save_model(model, source)
+    env = command_env(tmp_path / "mlflow.db")
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "export", "--env-manager", "local",
+           "-P", f"model_uri={source}", "-P", f"out={out}", "-P", f"overrides=hydra.run.dir={tmp_path}/run"]
+    done = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    image = np.random.default_rng(1).integers(0, 256, (1, 128, 256, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(keras.saving.load_model(out, compile=False).predict(image, verbose=0),
+                                  model.predict(image, verbose=0))
