@@ -196,3 +196,23 @@ def test_the_demo_is_a_generated_cohort_of_six_slides(compose):
     assert len({s.synthetic.seed for s in slides}) == 6 and len({(s.synthetic.height, s.synthetic.width) for s in slides}) > 3
     assert 350e6 <= sum(s.synthetic.height * s.synthetic.width for s in slides) <= 450e6
     assert all(s.labels.source == "synthetic" and s.labels.path.name == f"{s.name}_mask.tiff" for s in slides)
+
+
+def test_a_missing_slide_or_a_region_outside_its_slide_fails_before_anything_is_written(tmp_path):
+    from gigaseg.data.cohort import Cohort, CohortSlide, Labels
+    from gigaseg.dataset import RegionRequest, prepare_cohort
+    from gigaseg.errors import RegionError, SlideError
+    from gigaseg.slides.synthetic import write_synthetic_slide
+
+    write_synthetic_slide(tmp_path / "a.tiff", height=256, width=320, seed=1, mask_path=tmp_path / "a_mask.tiff")
+    labels = Labels(source="synthetic", path=tmp_path / "a_mask.tiff")
+    whole = (RegionRequest(name="r", kind="whole"),)
+    good = CohortSlide(name="a", path=tmp_path / "a.tiff", split="train", labels=labels, regions=whole)
+    missing = CohortSlide(name="b", path=tmp_path / "b.tiff", split="val", labels=labels, regions=whole)
+    with pytest.raises(SlideError, match=r"^slide b: no such slide file: .*b.tiff$"):
+        prepare_cohort(Cohort([good, missing]), tmp_path / "out", total_stride=64, progress=False)
+    outside = CohortSlide(name="c", path=tmp_path / "a.tiff", split="train", labels=labels,
+                          regions=(RegionRequest(name="far", x=200, y=0, width=256, height=128),))
+    with pytest.raises(RegionError, match=r"^slide c: region far: a.tiff: region at level-0 \(x=200, y=0\) .* lies outside"):
+        prepare_cohort(Cohort([good, outside]), tmp_path / "out", total_stride=64, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -380,6 +380,7 @@ def prepare_cohort(
     from gigaseg.errors import GigasegError
 
     cohort.validate()
+    check_slides(cohort, total_stride=total_stride, fit=fit, max_region=max_region)
     entries: list[dict] = []
     for slide in tqdm(cohort.slides, desc="slides", unit="slide", disable=not progress or len(cohort.slides) < 2):
         folder = out_dir / slide.name
@@ -401,6 +402,40 @@ def prepare_cohort(
             })
     write_index(out_dir, entries)
     return entries
+
+
+def check_slides(cohort, *, total_stride: int, fit: str = "pad", max_region: tuple[int, int] | None = None) -> None:
+    """Open every slide of the cohort and place its rectangles before anything is written.
+
+    A missing or unreadable slide, or a rectangle outside its slide, fails in one line naming
+    the slide, instead of after the slides before it were prepared. Synthetic slides not made
+    yet are generated later and are not checked here.
+    """
+    from gigaseg.data import RegionSpec, fit_region
+    from gigaseg.data.cohort import SingleSlide
+    from gigaseg.errors import GigasegError
+    from gigaseg.slides import open_slide
+
+    for slide in cohort.slides:
+        where = "data.regions." if isinstance(slide, SingleSlide) else "region "
+        if slide.synthetic is not None and not Path(slide.path).exists():
+            continue
+        try:
+            with open_slide(slide.path) as reader:
+                for region in slide.regions:
+                    if region.kind != "rect" or (max_region is not None and slide.synthetic is not None):
+                        continue  # found on the slide, or on a synthetic slide shrunk by max_region
+                    region = capped(region, max_region)
+                    spec = RegionSpec(x=region.x, y=region.y, width=region.width, height=region.height,
+                                      level=region.level if region.mpp is None else None, mpp=region.mpp)
+                    try:
+                        fit_region(reader, spec, total_stride=total_stride, fit=fit)
+                    except GigasegError as exc:
+                        raise type(exc)(f"{where}{region.name}: {exc}") from exc
+        except GigasegError as exc:
+            if len(cohort.slides) == 1:
+                raise
+            raise type(exc)(f"slide {slide.name}: {exc}") from exc
 
 
 def slide_spec(slide, folder: Path, *, fit: str = "pad", pad_value: tuple[int, int, int] = DEFAULT_PAD_VALUE,
