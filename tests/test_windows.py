@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gigaseg.data import RegionSpec, SyntheticMask, load_region, prepare_region
-from gigaseg.data.maskfile import TILE, TiledMask, write_mask
+from gigaseg.data.maskfile import TILE, TileCache, TiledMask, write_mask
 from gigaseg.data.windows import ReaderPool, SlideWindows
 from gigaseg.errors import RegionError
 from gigaseg.slides import open_slide
@@ -110,13 +110,20 @@ def test_tiled_mask_round_trip(tmp_path):
     padded[:1100, :1700] = mask
     tiles = (padded[r : r + TILE, c : c + TILE] for r in range(0, 3 * TILE, TILE) for c in range(0, 4 * TILE, TILE))
     write_mask(tmp_path / "m.tiff", tiles, mask.shape)
-    stored = TiledMask(tmp_path / "m.tiff", cache_bytes=3 * TILE * TILE)
+    cache = TileCache(3 * TILE * TILE)
+    stored = TiledMask(tmp_path / "m.tiff", cache=cache)
     assert stored.shape == mask.shape and stored.dtype == np.uint8 and stored.ndim == 2
     for top, left, bottom, right in WINDOWS + [(511, 511, 513, 1025)]:
         np.testing.assert_array_equal(stored[top:bottom, left:right], mask[top:bottom, left:right])
     np.testing.assert_array_equal(stored[::3, 1::4], mask[::3, 1::4])
     np.testing.assert_array_equal(stored[-1], mask[-1])
-    assert stored[250, 350] == 1 and len(stored._cache) <= 3  # the cache stays within its bytes
+    assert stored[250, 350] == 1 and len(cache) <= 3  # the cache stays within its bytes
+    # Another mask shares the cache, and its tiles never stand in for the first one's.
+    other = TiledMask(tmp_path / "m.tiff", cache=cache)
+    np.testing.assert_array_equal(other[:600, :600], mask[:600, :600])
+    (tmp_path / "n.tiff").write_bytes((tmp_path / "m.tiff").read_bytes())
+    third = TiledMask(tmp_path / "n.tiff", cache=cache)
+    assert third._key != stored._key and len(cache) <= 3
     assert (tmp_path / "m.tiff").stat().st_size < mask.nbytes / 5
 
 

@@ -239,6 +239,7 @@ def train(
     from gigaseg.augment import TransformedRegion, draw
     from gigaseg.epochs import step_regions, steps_per_epoch
     from gigaseg.model import build_unet
+    from gigaseg.staging import StepStaging
 
     config.validate()
     if not train_regions:
@@ -286,68 +287,73 @@ def train(
              steps_per_epoch(len(train_regions), config.accumulate), total)
 
     steps = tqdm(range(start, total), total=total, initial=start, desc="train", unit="step", disable=not config.progress)
-    for index in steps:
-        step = index + 1
-        epoch, chosen = step_regions(index, len(train_regions), config.accumulate, config.seed)
-        sysinfo.reset_peak_rss()
-        t0 = time.perf_counter()
-        losses, dices, data_time, tiles, gradients = [], [], 0.0, 0, None
-        for i in chosen:
-            region = train_regions[i]
-            image, mask = region.image, region.mask
-            if config.augment.enabled:
-                image, mask = TransformedRegion(image, mask, draw(config.augment, config.seed, epoch, region.key))
-            bar = progress = None
-            if plan is not None and plan.tiles > 1 and config.progress:
-                bar = tqdm(total=plan.tiles * engine.passes, desc=f"step {step} {region.key}", unit="tile", leave=False)
-                progress = _bar_progress(bar)
-            result = engine.step(image, mask, progress=progress)
-            if bar is not None:
-                bar.close()
-            losses.append(result.loss)
-            dices.append(result.dice)
-            data_time += result.data_time_s
-            tiles += result.tiles
-            gradients = list(result.gradients) if gradients is None else [g + h for g, h in zip(gradients, result.gradients)]
-        gradients = [g / len(chosen) for g in gradients]
-        loss = float(np.mean(losses))
-        finite_gradients = all(np.isfinite(g).all() for g in gradients)
-        if not (math.isfinite(loss) and finite_gradients):
-            what = f"the loss became {loss}" if not math.isfinite(loss) else "a gradient became NaN or infinite"
-            where = (f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint
-                     else "; no checkpoint was written yet (a lower train.checkpoint_every keeps more)")
-            raise TrainingDivergedError(f"{what} at step {step} (no update applied){where}; lower train.lr or check the data")
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        step_time = time.perf_counter() - t0
-        mpx = sum(train_regions[i].pixels for i in chosen) / 1e6
-        record: dict[str, Any] = {
-            "step": step,
-            "epoch": epoch,
-            "loss": loss,
-            "dice": float(np.mean(dices)),
-            "step_time_s": step_time,
-            "data_time_s": data_time,
-            "peak_rss_mb": sysinfo.peak_rss_mb(),
-            "mpx_per_s": mpx / step_time if step_time > 0 else float("nan"),
-            "tiles": tiles,
-        }
-        if val_regions and (step % config.val_every == 0 or step == total):
-            val_metrics, val_probability = validate_regions(val_engine, val_regions, threshold=config.threshold)
-            record.update(val_metrics)
-            if val_metrics["val_dice"] > best["dice"]:
-                best.update(dice=val_metrics["val_dice"], step=step, weights=[w.copy() for w in model.get_weights()])
-                if checkpoint_dir is not None:
-                    best["path"] = save_checkpoint(Path(checkpoint_dir) / BEST, model, optimizer, step, history,
-                                                   extra={"val_dice": val_metrics["val_dice"]})
-        history.append(record)
-        if logger is not None:
-            logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
-        steps.set_postfix(loss=f"{loss:.4f}", dice=f"{record['dice']:.3f}",
-                          **({"val": f"{val_metrics['val_dice']:.3f}"} if val_metrics else {}))
-        if checkpoint_dir is not None and (step % config.checkpoint_every == 0 or step == total):
-            last_checkpoint = save_checkpoint(Path(checkpoint_dir) / LAST, model, optimizer, step, history)
+    # Each step's region is decoded and augmented once, into scratch files both passes read.
+    with StepStaging() as staging:
+        for index in steps:
+            step = index + 1
+            epoch, chosen = step_regions(index, len(train_regions), config.accumulate, config.seed)
+            sysinfo.reset_peak_rss()
+            t0 = time.perf_counter()
+            losses, dices, data_time, tiles, gradients = [], [], 0.0, 0, None
+            for i in chosen:
+                region = train_regions[i]
+                image, mask = region.image, region.mask
+                if config.augment.enabled:
+                    image, mask = TransformedRegion(image, mask, draw(config.augment, config.seed, epoch, region.key))
+                staged = time.perf_counter()
+                image, mask = staging(image, mask)
+                data_time += time.perf_counter() - staged
+                bar = progress = None
+                if plan is not None and plan.tiles > 1 and config.progress:
+                    bar = tqdm(total=plan.tiles * engine.passes, desc=f"step {step} {region.key}", unit="tile", leave=False)
+                    progress = _bar_progress(bar)
+                result = engine.step(image, mask, progress=progress)
+                if bar is not None:
+                    bar.close()
+                losses.append(result.loss)
+                dices.append(result.dice)
+                data_time += result.data_time_s
+                tiles += result.tiles
+                gradients = list(result.gradients) if gradients is None else [g + h for g, h in zip(gradients, result.gradients)]
+            gradients = [g / len(chosen) for g in gradients]
+            loss = float(np.mean(losses))
+            finite_gradients = all(np.isfinite(g).all() for g in gradients)
+            if not (math.isfinite(loss) and finite_gradients):
+                what = f"the loss became {loss}" if not math.isfinite(loss) else "a gradient became NaN or infinite"
+                where = (f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint
+                         else "; no checkpoint was written yet (a lower train.checkpoint_every keeps more)")
+                raise TrainingDivergedError(f"{what} at step {step} (no update applied){where}; lower train.lr or check the data")
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            step_time = time.perf_counter() - t0
+            mpx = sum(train_regions[i].pixels for i in chosen) / 1e6
+            record: dict[str, Any] = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "dice": float(np.mean(dices)),
+                "step_time_s": step_time,
+                "data_time_s": data_time,
+                "peak_rss_mb": sysinfo.peak_rss_mb(),
+                "mpx_per_s": mpx / step_time if step_time > 0 else float("nan"),
+                "tiles": tiles,
+            }
+            if val_regions and (step % config.val_every == 0 or step == total):
+                val_metrics, val_probability = validate_regions(val_engine, val_regions, threshold=config.threshold)
+                record.update(val_metrics)
+                if val_metrics["val_dice"] > best["dice"]:
+                    best.update(dice=val_metrics["val_dice"], step=step, weights=[w.copy() for w in model.get_weights()])
+                    if checkpoint_dir is not None:
+                        best["path"] = save_checkpoint(Path(checkpoint_dir) / BEST, model, optimizer, step, history,
+                                                       extra={"val_dice": val_metrics["val_dice"]})
+            history.append(record)
             if logger is not None:
-                logger.log_artifact(last_checkpoint, "checkpoints")
+                logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
+            steps.set_postfix(loss=f"{loss:.4f}", dice=f"{record['dice']:.3f}",
+                              **({"val": f"{val_metrics['val_dice']:.3f}"} if val_metrics else {}))
+            if checkpoint_dir is not None and (step % config.checkpoint_every == 0 or step == total):
+                last_checkpoint = save_checkpoint(Path(checkpoint_dir) / LAST, model, optimizer, step, history)
+                if logger is not None:
+                    logger.log_artifact(last_checkpoint, "checkpoints")
     steps.close()
 
     if val_regions and val_probability is None:

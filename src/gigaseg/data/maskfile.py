@@ -22,8 +22,45 @@ from gigaseg.errors import MaskError
 
 #: Side of the mask's square tiles.
 TILE = 512
-#: Bytes of decoded mask tiles kept per mask (a 2304x2304 tile window touches 25 tiles: 6.6 MB).
+#: Bytes of decoded mask tiles kept, all masks together (a 2304x2304 tile window touches 25 tiles: 6.6 MB).
 CACHE_BYTES = 16 * 2**20
+
+
+class TileCache:
+    """Decoded tiles of any number of masks, least recently used dropped first beyond ``limit`` bytes.
+
+    One cache for all of a cohort's masks, so memory does not grow with the number of regions.
+    """
+
+    def __init__(self, limit: int = CACHE_BYTES) -> None:
+        self.limit = int(limit)
+        self._tiles: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._tiles)
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self._lock:
+            tile = self._tiles.get(key)
+            if tile is not None:
+                self._tiles.move_to_end(key)
+            return tile
+
+    def put(self, key: tuple, tile: np.ndarray) -> None:
+        with self._lock:
+            if key in self._tiles:
+                return
+            self._tiles[key] = tile
+            self._bytes += tile.nbytes
+            while self._bytes > self.limit and len(self._tiles) > 1:
+                _, old = self._tiles.popitem(last=False)
+                self._bytes -= old.nbytes
+
+
+#: The cache every mask shares unless given its own.
+CACHE = TileCache()
 
 
 def write_mask(path: str | os.PathLike, tiles: Iterator[np.ndarray], shape: tuple[int, int]) -> None:
@@ -36,7 +73,7 @@ def write_mask(path: str | os.PathLike, tiles: Iterator[np.ndarray], shape: tupl
 class TiledMask(LazyArray):
     """The H x W uint8 mask of a file written by :func:`write_mask`; tiles decoded on demand, a few kept."""
 
-    def __init__(self, path: str | os.PathLike, cache_bytes: int = CACHE_BYTES) -> None:
+    def __init__(self, path: str | os.PathLike, cache: TileCache | None = None) -> None:
         self.path = Path(path)
         try:
             with tifffile.TiffFile(self.path) as tif:
@@ -55,10 +92,10 @@ class TiledMask(LazyArray):
         self.dtype = np.dtype(np.uint8)
         self._cols = -(-self.shape[1] // self.tile_w)
         self._fd = os.open(self.path, os.O_RDONLY)
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._cache_bytes = 0
-        self.cache_limit = int(cache_bytes)
-        self._lock = threading.Lock()
+        self.cache = CACHE if cache is None else cache
+        status = os.fstat(self._fd)
+        # Tiles are cached under the file's identity, so a mask prepared again is never mixed with the old one.
+        self._key = (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
 
     def __repr__(self) -> str:
         return f"TiledMask({str(self.path)!r}, {self.shape[1]}x{self.shape[0]})"
@@ -86,11 +123,9 @@ class TiledMask(LazyArray):
         return out
 
     def _tile(self, index: int) -> np.ndarray:
-        with self._lock:
-            tile = self._cache.get(index)
-            if tile is not None:
-                self._cache.move_to_end(index)
-                return tile
+        tile = self.cache.get((self._key, index))
+        if tile is not None:
+            return tile
         count = int(self._counts[index])
         data = os.pread(self._fd, count, int(self._offsets[index]))
         try:
@@ -105,11 +140,5 @@ class TiledMask(LazyArray):
             raise MaskError(f"{self.path} holds value {value}; a mask must hold 0 (background), 1 (tissue) "
                             "or 255 (ignore); re-run gigaseg-prepare")
         tile.setflags(write=False)
-        with self._lock:
-            if index not in self._cache:
-                self._cache[index] = tile
-                self._cache_bytes += tile.nbytes
-                while self._cache_bytes > self.cache_limit and len(self._cache) > 1:
-                    _, old = self._cache.popitem(last=False)
-                    self._cache_bytes -= old.nbytes
+        self.cache.put((self._key, index), tile)
         return tile

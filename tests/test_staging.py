@@ -1,0 +1,40 @@
+"""A step's region staged in scratch files holds exactly the pixels of the views it was written from."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gigaseg.augment import Augmentation, TransformedRegion
+from gigaseg.data import RegionSpec, SyntheticMask, load_region, prepare_region
+from gigaseg.slides import open_slide
+from gigaseg.staging import StepStaging
+
+
+def test_staged_region_equals_the_augmented_slide_windows(tmp_path, monkeypatch):
+    from gigaseg.slides import synthetic
+
+    synthetic.write_synthetic_slide(tmp_path / "s.tiff", height=640, width=1000, seed=2, tile_size=256,
+                                    mask_path=tmp_path / "s_mask.tiff", workers=1)
+    with open_slide(tmp_path / "s.tiff") as reader:
+        prepare_region(reader, RegionSpec(0, 0, 960, 600), SyntheticMask(tmp_path / "s_mask.tiff"),
+                       tmp_path / "r", total_stride=64)
+    region = load_region(tmp_path / "r")
+    view = TransformedRegion(region.image, region.mask,
+                             Augmentation(turns=1, flip=True, hed_scale=(1.04, 0.97, 1.0), saturation=1.05))
+    monkeypatch.setattr("gigaseg.staging.BAND_BYTES", 50_000)  # many bands, the last one short
+    with StepStaging(tmp_path / "scratch") as staging:
+        image, mask = staging(*view)
+        assert isinstance(image, np.memmap) and isinstance(mask, np.memmap)
+        assert image.shape == (960, 640, 3) and mask.shape == (960, 640)
+        np.testing.assert_array_equal(image, np.asarray(view.image))
+        np.testing.assert_array_equal(mask, np.asarray(view.mask))
+        assert not np.array_equal(image, np.rot90(np.asarray(region.image)))  # the colours did change
+        # Arrays and memory maps are used as they are.
+        plain = np.zeros((64, 64, 3), np.uint8)
+        assert staging(plain, None) == (plain, None)
+    assert (tmp_path / "scratch").is_dir()  # a folder it was given is the caller's to remove
+    with StepStaging() as own:
+        folder = own.folder
+        own(region.image, region.mask)
+        assert (folder / "image.npy").is_file()
+    assert not folder.exists()
