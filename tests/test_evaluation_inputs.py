@@ -33,10 +33,11 @@ def write_prediction(
     slide_level: int = 0,
     tile: int = 32,
     levels: int = 2,
+    slide: str = "slide.tiff",
 ) -> Path:
     """A prediction TIFF as gigaseg-predict writes it: tiled uint8, pyramid as further IFDs, JSON description."""
     h, w = values.shape
-    meta = {"gigaseg": {"kind": kind, "threshold": threshold, "slide": "slide.tiff", "slide_level": slide_level,
+    meta = {"gigaseg": {"kind": kind, "threshold": threshold, "slide": slide, "slide_level": slide_level,
                         "downsample": downsample, "mpp": mpp, "width": w, "height": h}}
     with tifffile.TiffWriter(path) as tif:
         tif.write(values, tile=(tile, tile), compression="zlib", photometric="minisblack",
@@ -119,6 +120,45 @@ def test_geojson_reference_round_trip(tmp_path, probability):
     assert result.counts == evaluate_masks(probability, ref_mask).counts
     with pytest.raises(MaskError, match="no annotations of class Stroma"):
         evaluate_files(pred, geojson, classes=["Stroma"])
+
+
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_geojson_reference_in_qupath_coordinates_on_a_slide_with_bounds(tmp_path, downsample):
+    from scn_slides import write_scn_slide
+
+    from gigaseg.slides import open_slide
+
+    # A Leica SCN scan at (37, 21) of a 200x130 canvas holds a dark 30x20 square at (10, 5) of the
+    # scan, (47, 26) of OpenSlide's level 0. QuPath shows the scan alone, so its annotation around
+    # the square is at (10, 5); the prediction, like gigaseg-predict's, covers the whole canvas.
+    scan = np.full((80, 120, 3), 235, np.uint8)
+    scan[5:25, 10:40] = (90, 30, 110)
+    slide = write_scn_slide(tmp_path / "slide.scn", scan, offset=(37, 21), canvas=(200, 130))
+    with open_slide(slide) as reader:
+        dark = reader.read_region((0, 0), 0, (200, 130)).sum(axis=2) < 400
+    assert np.argwhere(dark).min(axis=0).tolist() == [26, 47] and dark.sum() == 600
+    half = downsample // 2  # the level-0 pixel under each predicted pixel's centre
+    predicted = dark[half::downsample, half::downsample].astype(np.uint8) * 255
+    pred = write_prediction(tmp_path / "mask.tiff", predicted, kind="binary", downsample=float(downsample),
+                            slide=str(slide))
+    square = [[10, 5], [40, 5], [40, 25], [10, 25], [10, 5]]
+    reference = tmp_path / "qupath.geojson"
+    reference.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]},
+        "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}},
+    }]}), encoding="utf-8")
+
+    result, inputs = evaluate_files(pred, reference)
+    assert result.counts.reference == result.counts.predicted == 600 // downsample**2
+    assert result.scores()["dice"] == 1.0
+    assert inputs["reference"]["bounds_offset"] == (37, 21)
+
+    if downsample == 1:
+        # A mask that names no slide shares QuPath's origin: the same annotation misses the square.
+        Image.fromarray(predicted).save(tmp_path / "mask.png")
+        unshifted, inputs = evaluate_files(tmp_path / "mask.png", reference)
+        assert inputs["reference"]["bounds_offset"] == (0, 0)
+        assert unshifted.scores()["dice"] == 0.0
 
 
 @pytest.fixture(scope="module")

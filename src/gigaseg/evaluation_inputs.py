@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gigaseg.errors import ConfigError, MaskError
+from gigaseg.errors import ConfigError, MaskError, SlideError
 from gigaseg.evaluation import ArrayTissue, Evaluation, TissueRows, evaluate_masks
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class MaskInfo:
     slide_level: int | None = None
     page: int = 0
     sampled: bool = False  # read at another size, by pixel centres
+    bounds_offset: tuple[int, int] | None = None  # level-0 (x, y) added to GeoJSON coordinates
 
 
 class TiffTissue:
@@ -155,13 +156,38 @@ class SampledTissue:
         return band[np.ix_(src - src[0], self._cols)]
 
 
-class GeoJSONTissue:
-    """QuPath annotations rasterised band by band at the prediction's level (pixel-centre rule)."""
+def qupath_origin(prediction: MaskInfo) -> tuple[int, int]:
+    """Where QuPath's (0, 0) lies on the predicted slide's level 0: the slide's ``bounds_offset``.
 
-    def __init__(self, path: Path, shape: tuple[int, int], downsample: float, classes: Sequence[str] | None) -> None:
+    The prediction covers OpenSlide's whole level 0, QuPath only the scanned area (MRXS, Leica
+    SCN). A mask that records no slide is taken to share QuPath's origin; a recorded slide that
+    cannot be opened is too, with a warning, which is right for every format without bounds.
+    """
+    if not prediction.slide:
+        return (0, 0)
+    from gigaseg.slides import open_slide
+
+    try:
+        with open_slide(prediction.slide) as slide:
+            return slide.bounds_offset
+    except SlideError as exc:
+        log.warning("cannot open the predicted slide to find QuPath's origin (%s): GeoJSON is read unshifted, "
+                    "which is wrong for MRXS or Leica SCN slides", exc)
+        return (0, 0)
+
+
+class GeoJSONTissue:
+    """QuPath annotations rasterised band by band at the prediction's level (pixel-centre rule).
+
+    ``offset`` is QuPath's origin on the slide's level 0 (``qupath_origin``); the polygons are
+    moved by it as ``GeoJSONMask`` moves training annotations.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int], downsample: float, classes: Sequence[str] | None,
+                 offset: tuple[int, int] = (0, 0)) -> None:
         from gigaseg.data.geojson import bounding_boxes, check_inside, load_annotations
 
-        self.polygons = load_annotations(path, classes=classes)
+        self.polygons = [p.shifted(*offset) for p in load_annotations(path, classes=classes)]
         # The prediction covers its whole slide level, so annotations must lie on that slide.
         check_inside(self.polygons, shape[1] * downsample, shape[0] * downsample, "the predicted slide")
         self._bboxes = bounding_boxes(self.polygons)
@@ -259,9 +285,10 @@ def open_reference(
     """A reference read at the prediction's size: a mask image, QuPath GeoJSON, or synthetic truth.
 
     ``auto`` picks GeoJSON for .geojson/.json, synthetic for a mask TIFF that
-    ``write_synthetic_slide`` wrote, a mask image otherwise. GeoJSON (level-0 coordinates)
-    is rasterised at the prediction's downsample; synthetic truth is read from the pyramid
-    level of the prediction's size, or sampled from level 0 at the prediction's downsample.
+    ``write_synthetic_slide`` wrote, a mask image otherwise. GeoJSON (QuPath's level-0
+    coordinates, moved by ``qupath_origin``) is rasterised at the prediction's downsample;
+    synthetic truth is read from the pyramid level of the prediction's size, or sampled from
+    level 0 at the prediction's downsample.
     A mask image must be the prediction's size (a pyramid page of that size is used) or
     cover the same area at another scale (then sampled at pixel centres).
     """
@@ -278,8 +305,11 @@ def open_reference(
         else:
             kind = "mask"
     if kind == "geojson":
-        tissue = GeoJSONTissue(path, shape, prediction.downsample, classes)
-        return tissue, MaskInfo(str(path), "geojson", prediction.width, prediction.height, prediction.downsample)
+        offset = qupath_origin(prediction)
+        tissue = GeoJSONTissue(path, shape, prediction.downsample, classes, offset)
+        info = MaskInfo(str(path), "geojson", prediction.width, prediction.height, prediction.downsample,
+                        bounds_offset=offset)
+        return tissue, info
     if not tiff:
         if kind == "synthetic":
             raise MaskError(f"synthetic truth {path.name} must be the mask TIFF that write_synthetic_slide wrote")
