@@ -141,3 +141,29 @@ def test_a_region_prepared_with_relative_paths_finds_its_slide_from_anywhere(sli
     region = load_region(tmp_path / "data" / "prepared" / "s" / "r")
     with open_slide(path) as reader:
         np.testing.assert_array_equal(region.image[:, :], reader.read_region((0, 0), 0, (256, 128)))
+
+
+def test_a_slide_replaced_at_the_same_path_is_read_anew_and_masks_keep_no_file_open(tmp_path):
+    from gigaseg.slides import synthetic
+
+    for seed, name in ((1, "a.tiff"), (2, "b.tiff")):
+        synthetic.write_synthetic_slide(tmp_path / name, height=256, width=256, seed=seed, tile_size=256)
+    path = tmp_path / "s.tiff"
+    path.write_bytes((tmp_path / "a.tiff").read_bytes())
+    pool = ReaderPool(open_slide)
+    first = pool.read(path, (0, 0), 0, (256, 256))
+    (tmp_path / "b.tiff").replace(path)  # another slide under the same name
+    second = pool.read(path, (0, 0), 0, (256, 256))
+    with open_slide(path) as reader:
+        np.testing.assert_array_equal(second, reader.read_region((0, 0), 0, (256, 256)))
+    assert not np.array_equal(first, second)
+    pool.close()
+
+    import os
+
+    mask = np.zeros((TILE, TILE), np.uint8)
+    write_mask(tmp_path / "m.tiff", iter([mask]), (TILE, TILE))
+    before = len(os.listdir("/proc/self/fd"))
+    masks = [TiledMask(tmp_path / "m.tiff") for _ in range(50)]
+    assert all(m[0:8, 0:8].sum() == 0 for m in masks)
+    assert len(os.listdir("/proc/self/fd")) <= before + 1

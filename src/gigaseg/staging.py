@@ -5,42 +5,74 @@ of a prepared region is decoded from the slide's JPEG tiles, and a window of an 
 region is also turned and recoloured. Writing the step's region once, band by band, into a
 ``.npy`` file and its mask beside it makes that work happen once per step; the passes then
 copy pages the kernel keeps cached. The files hold exactly the pixels the views give, so the
-step's numbers do not change. Memory stays one band; the disk holds the largest region once
-(4 bytes a pixel: 4 GB for a 16000x64000 region).
+step's numbers do not change. Memory stays one band of rows; the disk (``$TMPDIR``) holds the
+largest region once, 4 bytes a pixel.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from gigaseg.data.tilefile import create_npy
+from gigaseg.errors import WriteError
 
-#: Bytes of pixels copied at once.
+#: Bytes of the band of whole rows written at once (one write call), and the widest piece of a
+#: band read at once: a turned view reads its source across rows, which stays in the CPU's
+#: caches for a narrow piece and not for a whole band.
 BAND_BYTES = 16 * 2**20
+PIECE = 1024
 
 
 def _write(path: Path, source, dtype=np.uint8) -> np.memmap:
     height, width = (int(v) for v in source.shape[:2])
     channels = tuple(int(v) for v in source.shape[2:])
-    row_bytes = width * int(np.prod(channels, dtype=np.int64))
-    rows = max(1, BAND_BYTES // max(1, row_bytes))
-    with create_npy(path, (height, width) + channels, dtype) as out:
+    row_bytes = width * int(np.prod(channels, dtype=np.int64)) * np.dtype(dtype).itemsize
+    rows = max(16, min(256, BAND_BYTES // max(1, row_bytes)))
+    band = np.empty((rows, width) + channels, dtype)
+
+    def copy(top: int, h: int, left: int) -> None:
+        band[:h, left : left + PIECE] = source[top : top + h, left : left + PIECE]
+
+    # The pieces of a band on every core: the views' loops and copies release the GIL, and
+    # between steps the cores would otherwise wait for this one thread.
+    with create_npy(path, (height, width) + channels, dtype) as out, \
+            ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="gigaseg-staging") as pool:
         for top in range(0, height, rows):
-            out.write(top, 0, source[top : top + rows, :])
+            h = min(rows, height - top)
+            list(pool.map(lambda left: copy(top, h, left), range(0, width, PIECE)))
+            out.write(top, 0, band[:h])
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-class StepStaging:
-    """Scratch files for one region at a time in ``folder`` (a new temporary folder by default); a context manager."""
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    def __init__(self, folder: str | Path | None = None) -> None:
+
+class StepStaging:
+    """Scratch files for one region at a time in ``folder`` (a new folder in ``$TMPDIR`` by default); a context manager.
+
+    ``largest`` (height, width) is the largest region to be staged: if the folder's disk has
+    not room for it, this fails at once rather than in the middle of a run.
+    """
+
+    def __init__(self, folder: str | Path | None = None, *, largest: tuple[int, int] | None = None) -> None:
         self._own = folder is None
         self.folder = Path(tempfile.mkdtemp(prefix="gigaseg-step-")) if folder is None else Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        if largest is not None:
+            needed = 4 * int(largest[0]) * int(largest[1])  # RGB pixels and a mask byte
+            free = shutil.disk_usage(self.folder).free
+            if free < needed * 1.05:
+                self.close()
+                raise WriteError(
+                    f"the training step's scratch files need {needed / 2**30:.1f} GB in {self.folder.parent}, which has "
+                    f"{free / 2**30:.1f} GB free; set TMPDIR to a folder on a disk with room")
 
     def __enter__(self) -> "StepStaging":
         return self

@@ -319,11 +319,21 @@ class MlflowRun:
 
         import mlflow
 
+        from mlflow.exceptions import MlflowException
+
         said = io.StringIO()
-        with contextlib.redirect_stderr(said):  # MLflow prints what the caller logs in one line
-            version = str(mlflow.register_model(model_uri, name).version)
+        try:
+            with contextlib.redirect_stderr(said):  # MLflow prints what the caller logs in one line
+                version = str(mlflow.register_model(model_uri, name).version)
+        except MlflowException as exc:
+            raise TrackingError(f"cannot register the model as {name!r} in {self.tracking_uri} ({exc.message}); "
+                                f"the run and its model are logged: register {model_uri} later") from exc
         log.debug("%s", said.getvalue().strip())
-        _client(self.tracking_uri).set_registered_model_alias(name, alias, version)
+        try:
+            _client(self.tracking_uri).set_registered_model_alias(name, alias, version)
+        except MlflowException as exc:
+            raise TrackingError(f"registered {name!r} version {version} but cannot set its alias {alias!r} "
+                                f"({exc.message}); set it in the MLflow UI or with set_registered_model_alias") from exc
         self.set_tags({"gigaseg.registered_model": name, "gigaseg.registered_version": version,
                        "gigaseg.registered_alias": alias})
         return version

@@ -6,6 +6,7 @@ Metrics and files reach a tracker through the small ``RunLogger`` protocol.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -287,8 +288,12 @@ def train(
              steps_per_epoch(len(train_regions), config.accumulate), total)
 
     steps = tqdm(range(start, total), total=total, initial=start, desc="train", unit="step", disable=not config.progress)
-    # Each step's region is decoded and augmented once, into scratch files both passes read.
-    with StepStaging() as staging:
+    # Each step's region is decoded and augmented once, into scratch files both passes of the
+    # tiled step read. Not for the plain step (it reads its region once) nor across replicas
+    # (each reads only its own tiles).
+    with contextlib.ExitStack() as stack:
+        staging = (stack.enter_context(StepStaging(largest=largest)) if plan is not None and replicas is None
+                   else None)
         for index in steps:
             step = index + 1
             epoch, chosen = step_regions(index, len(train_regions), config.accumulate, config.seed)
@@ -300,9 +305,10 @@ def train(
                 image, mask = region.image, region.mask
                 if config.augment.enabled:
                     image, mask = TransformedRegion(image, mask, draw(config.augment, config.seed, epoch, region.key))
-                staged = time.perf_counter()
-                image, mask = staging(image, mask)
-                data_time += time.perf_counter() - staged
+                if staging is not None:
+                    staged = time.perf_counter()
+                    image, mask = staging(image, mask)
+                    data_time += time.perf_counter() - staged
                 bar = progress = None
                 if plan is not None and plan.tiles > 1 and config.progress:
                     bar = tqdm(total=plan.tiles * engine.passes, desc=f"step {step} {region.key}", unit="tile", leave=False)

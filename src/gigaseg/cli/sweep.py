@@ -60,7 +60,8 @@ def ending_parent_on_failure() -> Iterator[None]:
         yield
     except BaseException as exc:
         callback = _open
-        if callback is not None:
+        clean_exit = isinstance(exc, SystemExit) and exc.code in (0, None)
+        if callback is not None and not clean_exit:
             callback.end_unfinished(status_for(exc))
         raise
 

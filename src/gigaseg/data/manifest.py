@@ -90,7 +90,7 @@ def slide_facts(reader: Any, slide_path: str | Path | None) -> dict:
         "name": path.name if path is not None else reader.name,
         # Absolute, so that the region finds its slide from any working directory (relative_paths
         # then writes it relative to the region when the slide lies in the dataset folder).
-        "path": str(path.resolve()) if path is not None else None,
+        "path": os.path.abspath(path) if path is not None else None,
         "sha256": file_sha256(path) if path is not None and path.is_file() else None,
         "bytes": path.stat().st_size if path is not None and path.is_file() else None,
         "dimensions": list(reader.dimensions),
@@ -111,16 +111,16 @@ def relative_paths(manifest: Any, region_dir: Path, base: Path | None = None) ->
     elsewhere stay as given.
     """
     if base is None:
-        base = Path(region_dir).resolve().parent
-    base = Path(base).resolve()
+        base = Path(os.path.abspath(region_dir)).parent
+    base = Path(os.path.abspath(base))
     if isinstance(manifest, dict):
         out = {}
         for key, value in manifest.items():
             if isinstance(key, str) and key.endswith("path") and isinstance(value, str) and value:
                 # A relative path is relative to the working directory, as the user gave it.
-                resolved = Path(value).resolve()
+                resolved = Path(os.path.abspath(value))  # not following links: DVC may link data into its cache
                 if resolved == base or base in resolved.parents:
-                    value = os.path.relpath(resolved, Path(region_dir).resolve())
+                    value = os.path.relpath(resolved, os.path.abspath(region_dir))
             else:
                 value = relative_paths(value, region_dir, base)
             out[key] = value

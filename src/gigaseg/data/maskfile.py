@@ -1,8 +1,7 @@
 """A prepared region's label mask as a compressed tiled TIFF, written tile by tile and read a window at a time.
 
-A 16000x64000 mask is 1 GB as raw bytes but mostly long runs of one label: deflated in
-512x512 tiles it shrinks by two to three orders of magnitude, and a window needs only the
-tiles it touches. Any TIFF reader opens the file (0 background, 1 tissue, 255 ignore).
+A 16000x64000 mask is 1 GB as raw bytes but mostly long runs of one label, which deflate
+well in 512x512 tiles; a window needs only the tiles it touches. Any TIFF reader opens the file (0 background, 1 tissue, 255 ignore).
 """
 
 from __future__ import annotations
@@ -91,22 +90,13 @@ class TiledMask(LazyArray):
             raise MaskError(f"{self.path} is not a readable mask file ({exc}); re-run gigaseg-prepare") from exc
         self.dtype = np.dtype(np.uint8)
         self._cols = -(-self.shape[1] // self.tile_w)
-        self._fd = os.open(self.path, os.O_RDONLY)
         self.cache = CACHE if cache is None else cache
-        status = os.fstat(self._fd)
+        status = os.stat(self.path)
         # Tiles are cached under the file's identity, so a mask prepared again is never mixed with the old one.
         self._key = (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
 
     def __repr__(self) -> str:
         return f"TiledMask({str(self.path)!r}, {self.shape[1]}x{self.shape[0]})"
-
-    def close(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __del__(self) -> None:
-        self.close()
 
     def _read(self, top: int, left: int, bottom: int, right: int) -> np.ndarray:
         out = np.empty((bottom - top, right - left), np.uint8)
@@ -127,7 +117,15 @@ class TiledMask(LazyArray):
         if tile is not None:
             return tile
         count = int(self._counts[index])
-        data = os.pread(self._fd, count, int(self._offsets[index]))
+        # Opened for each tile the cache does not hold: a cohort of thousands of regions keeps no
+        # file open between reads.
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_ino != self._key[1]:
+                raise MaskError(f"{self.path} was replaced while in use; re-run gigaseg-prepare")
+            data = os.pread(fd, count, int(self._offsets[index]))
+        finally:
+            os.close(fd)
         try:
             if len(data) != count:
                 raise ValueError(f"{len(data)} of its {count} bytes in the file")

@@ -34,6 +34,7 @@ from gigaseg.data.tilefile import create_npy, tiles
 from gigaseg.errors import MaskError, RegionError, SlideError
 from gigaseg.data.windows import SlideWindows, reads_are_positional
 from gigaseg.slides.base import SlideReader
+from gigaseg.slides.tiff_tiles import VENDORS as WINDOW_VENDORS
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +147,8 @@ def prepare_region(
     The region's pixels stay in the slide: training reads its windows from the slide file
     (:class:`gigaseg.data.windows.SlideWindows`). They are decoded into ``image.npy`` only
     with ``decoded_cache``, or when windows could differ from the whole region's pixels (a
-    level whose downsample is not a whole number, a region starting between level pixels) or
-    the reader has no file to reopen (an in-memory slide). Either way every pixel is read
+    format other than generic TIFF or Aperio SVS, a level whose downsample is not a whole
+    number, a region starting between level pixels) or the reader has no file to reopen. Either way every pixel is read
     once, so a slide that cannot be read fails here.
 
     Pixels are read tile by tile (memory for a few tiles only, whatever the region size).
@@ -164,7 +165,11 @@ def prepare_region(
     region = fit_region(reader, spec, total_stride=total_stride, fit=fit, pad_value=pad_value)
     slide_file = slide_path if slide_path is not None else getattr(reader, "path", None)
     slide = slide_facts(reader, slide_file)
+    # Windows come from the slide where their pixels are known to be the whole region's: TIFF
+    # pyramids OpenSlide reads tile for tile (generic TIFF, Aperio SVS), at whole level pixels.
+    # Other formats (overlapping or offset tiles: MIRAX, NDPI, VMS) are decoded once, here.
     from_slide = (slide_file is not None and Path(slide_file).is_file()
+                  and getattr(reader, "vendor", None) in WINDOW_VENDORS
                   and reads_are_positional(reader, region.x, region.y, region.level))
     decoded = decoded_cache or not from_slide
     with write_errors(out_dir):
@@ -247,7 +252,7 @@ def _slide_windows(path: Path, manifest: dict, hint: str) -> SlideWindows:
     slide, region = manifest.get("slide") or {}, manifest.get("region") or {}
     if not slide.get("path"):
         raise RegionError(f"{path}: the manifest names no slide file to read the pixels from; {hint}")
-    file = (path / slide["path"]).resolve()
+    file = Path(os.path.normpath(os.path.join(os.path.abspath(path), slide["path"])))  # as the manifest wrote it
     if not file.is_file():
         raise RegionError(f"{path}: its slide {file} is missing; restore the slide (dvc pull) or {hint}")
     if slide.get("bytes") is not None and file.stat().st_size != slide["bytes"]:

@@ -46,19 +46,23 @@ class ReaderPool:
     def __init__(self, opener: Callable[[Path], SlideReader], size: int = POOL_SIZE) -> None:
         self.opener = opener
         self.size = int(size)
-        self._open: OrderedDict[Path, SlideReader] = OrderedDict()
+        self._open: OrderedDict[tuple, SlideReader] = OrderedDict()
         self._lock = threading.Lock()
 
     def read(self, path: Path, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        status = os.stat(path)
+        # Open slides are found by the file's identity, not its name: a slide replaced at the same
+        # path (generated again, restored) is opened anew, never read through the old handle.
+        key = (str(path), status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
         with self._lock:
-            reader = self._open.get(path)
+            reader = self._open.get(key)
             if reader is None:
                 reader = self.opener(path)
-                self._open[path] = reader
+                self._open[key] = reader
                 while len(self._open) > self.size:
                     _, old = self._open.popitem(last=False)
                     old.close()
-            self._open.move_to_end(path)
+            self._open.move_to_end(key)
             # Reading under the lock keeps a reader from being closed while in use; the training
             # reads one window at a time (one prefetch thread), so nothing waits for long.
             return reader.read_region(location, level, size)
