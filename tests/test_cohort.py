@@ -216,3 +216,31 @@ def test_a_missing_slide_or_a_region_outside_its_slide_fails_before_anything_is_
     with pytest.raises(RegionError, match=r"^slide c: region far: a.tiff: region at level-0 \(x=200, y=0\) .* lies outside"):
         prepare_cohort(Cohort([good, outside]), tmp_path / "out", total_stride=64, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_regions_no_longer_asked_for_are_removed(tmp_path):
+    from gigaseg.data.cohort import Cohort, CohortSlide, Labels
+    from gigaseg.dataset import RegionRequest, prepare_cohort
+    from gigaseg.slides.synthetic import write_synthetic_slide
+
+    write_synthetic_slide(tmp_path / "a.tiff", height=256, width=512, seed=1, mask_path=tmp_path / "a_mask.tiff")
+    labels = Labels(source="synthetic", path=tmp_path / "a_mask.tiff")
+    two = (RegionRequest(name="left", x=0, y=0, width=256, height=128),
+           RegionRequest(name="right", x=256, y=0, width=256, height=128))
+
+    def cohort(regions, *extra):
+        return Cohort([CohortSlide(name="a", path=tmp_path / "a.tiff", split="train", labels=labels, regions=regions),
+                       *extra])
+
+    (tmp_path / "b.tiff").write_bytes((tmp_path / "a.tiff").read_bytes())
+    val = CohortSlide(name="v", path=tmp_path / "b.tiff", split="val", labels=labels,
+                      regions=(RegionRequest(name="whole", kind="whole"),))
+    prepare_cohort(cohort(two, val), tmp_path / "out", total_stride=64, progress=False)
+    (tmp_path / "out" / "notes").mkdir()
+    (tmp_path / "out" / "notes" / "x").mkdir()  # not a prepared region: left alone
+    assert {p.parent.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").glob("*/*/manifest.json")} == {
+        "a/left", "a/right", "v/whole"}
+    prepare_cohort(cohort(two[:1]), tmp_path / "out", total_stride=64, progress=False)
+    assert {p.parent.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").glob("*/*/manifest.json")} == {
+        "a/left"}
+    assert not (tmp_path / "out" / "v").exists() and (tmp_path / "out" / "notes" / "x").is_dir()

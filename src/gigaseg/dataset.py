@@ -401,7 +401,30 @@ def prepare_cohort(
                 "slide_path": os.path.relpath(slide.path, out_dir),
             })
     write_index(out_dir, entries)
+    remove_stale_regions(out_dir, {entry["dir"] for entry in entries})
     return entries
+
+
+def remove_stale_regions(out_dir: Path, kept: set[str]) -> list[str]:
+    """Remove prepared region folders (``<slide>/<region>`` holding a manifest) that the index no longer lists.
+
+    After a change of regions (another ``count``, a slide left out) the folder then holds
+    exactly the cohort that ``cohort.json`` describes, so its digest (DVC's) is the same as a
+    fresh preparation's. Folders without a manifest are not gigaseg's and are left alone.
+    """
+    import shutil
+
+    removed = []
+    for manifest in sorted(Path(out_dir).glob("*/*/manifest.json")):
+        region = manifest.parent
+        name = f"{region.parent.name}/{region.name}"
+        if name not in kept:
+            shutil.rmtree(region)
+            removed.append(name)
+            log.info("removed %s: no longer a region of the cohort", region)
+            if not any(region.parent.iterdir()):
+                region.parent.rmdir()
+    return removed
 
 
 def check_slides(cohort, *, total_stride: int, fit: str = "pad", max_region: tuple[int, int] | None = None) -> None:
