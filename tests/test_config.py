@@ -29,7 +29,8 @@ def test_defaults_are_the_demo(compose):
     assert cfg.model.name == "gigaunet"
     assert cfg.data.name == "demo"
     assert cfg.train.loss == "dice_bce"
-    assert (cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps) == (0.01, 3, 120)
+    assert (cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps) == (0.01, 3, 150)
+    assert (cfg.train.accumulate, cfg.train.val_every) == (2, 15)
     assert list(cfg.model.input_range) == [-6.0, 1.0]
     assert cfg.mlflow.tracking_uri.startswith("sqlite:///")
     assert cfg.data.dir == str(ROOT / "data" / "demo")
