@@ -107,6 +107,13 @@ class RegionRequest:
     annotation_class: str | None = None
     annotations_path: str | None = None
 
+    def spec(self):
+        """The rectangle as :class:`gigaseg.data.RegionSpec` (by ``mpp`` when it gives one, else by ``level``)."""
+        from gigaseg.data import RegionSpec
+
+        return RegionSpec(x=self.x, y=self.y, width=self.width, height=self.height,
+                          level=self.level if self.mpp is None else None, mpp=self.mpp)
+
     def rectangle(self) -> dict[str, Any]:
         """The fields that say which pixels a ``rect`` region holds (what a prepared region's manifest records)."""
         return {"name": self.name, "x": self.x, "y": self.y, "width": self.width, "height": self.height,
@@ -268,7 +275,7 @@ def mask_source_for(spec: DatasetSpec, region: RegionRequest):
 
 def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = True) -> dict[str, dict]:
     """Prepare every region of ``spec``; regions already prepared from the same request are kept."""
-    from gigaseg.data import RegionSpec, prepare_region
+    from gigaseg.data import prepare_region
     from gigaseg.data.manifest import FORMAT_VERSION, file_sha256, read_manifest
     from gigaseg.slides import open_slide
 
@@ -292,7 +299,7 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
     manifests: dict[str, dict] = {}
     digest: list[str] = []
 
-    def slide_digest() -> str:  # hashed once, and only when a prepared region may be kept
+    def slide_digest() -> str:  # hashed once per slide, for the up-to-date check and every manifest
         if not digest:
             digest.append(file_sha256(spec.slide_path))
         return digest[0]
@@ -329,17 +336,13 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
                     log.info("region %s is up to date in %s", region.name, out)
                     manifests[region.name] = old
                     continue
-            region_spec = RegionSpec(
-                x=region.x, y=region.y, width=region.width, height=region.height,
-                level=region.level if region.mpp is None else None, mpp=region.mpp,
-            )
             extra = {"request": request, **spec.extra}
             if recipe is not None:
                 extra["seed"] = recipe["seed"]
             try:
                 manifests[region.name] = prepare_region(
                     reader,
-                    region_spec,
+                    region.spec(),
                     mask_source_for(spec, region),
                     out,
                     total_stride=total_stride,
@@ -350,6 +353,7 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
                     slide_path=spec.slide_path,
                     dataset_dir=spec.root,
                     decoded_cache=spec.decoded_cache,
+                    slide_sha256=slide_digest(),
                 )
             except RegionError as exc:  # say which configured region, not only which rectangle
                 raise RegionError(f"data.regions.{region.name}: {exc}") from exc
@@ -384,8 +388,8 @@ def prepare_cohort(
     entries: list[dict] = []
     for slide in tqdm(cohort.slides, desc="slides", unit="slide", disable=not progress or len(cohort.slides) < 2):
         folder = out_dir / slide.name
-        spec = slide_spec(slide, folder, fit=fit, pad_value=pad_value, max_region=max_region)
-        spec.decoded_cache = decoded_cache
+        spec = slide_spec(slide, folder, fit=fit, pad_value=pad_value, max_region=max_region,
+                          decoded_cache=decoded_cache)
         spec.root = out_dir.parent  # the dataset folder, which holds the demo's slides too
         try:
             manifests = prepare_dataset(spec, total_stride=total_stride, progress=progress)
@@ -434,7 +438,7 @@ def check_slides(cohort, *, total_stride: int, fit: str = "pad", max_region: tup
     the slide, instead of after the slides before it were prepared. Synthetic slides not made
     yet are generated later and are not checked here.
     """
-    from gigaseg.data import RegionSpec, fit_region
+    from gigaseg.data import fit_region
     from gigaseg.data.cohort import SingleSlide
     from gigaseg.errors import GigasegError
     from gigaseg.slides import open_slide
@@ -449,10 +453,8 @@ def check_slides(cohort, *, total_stride: int, fit: str = "pad", max_region: tup
                     if region.kind != "rect" or (max_region is not None and slide.synthetic is not None):
                         continue  # found on the slide, or on a synthetic slide shrunk by max_region
                     region = capped(region, max_region)
-                    spec = RegionSpec(x=region.x, y=region.y, width=region.width, height=region.height,
-                                      level=region.level if region.mpp is None else None, mpp=region.mpp)
                     try:
-                        fit_region(reader, spec, total_stride=total_stride, fit=fit)
+                        fit_region(reader, region.spec(), total_stride=total_stride, fit=fit)
                     except GigasegError as exc:
                         raise type(exc)(f"{where}{region.name}: {exc}") from exc
         except GigasegError as exc:
@@ -462,7 +464,7 @@ def check_slides(cohort, *, total_stride: int, fit: str = "pad", max_region: tup
 
 
 def slide_spec(slide, folder: Path, *, fit: str = "pad", pad_value: tuple[int, int, int] = DEFAULT_PAD_VALUE,
-               max_region: tuple[int, int] | None = None) -> DatasetSpec:
+               max_region: tuple[int, int] | None = None, decoded_cache: bool = False) -> DatasetSpec:
     """The DatasetSpec of one cohort slide, prepared into ``folder``."""
     labels = slide.labels
     return DatasetSpec(
@@ -470,6 +472,7 @@ def slide_spec(slide, folder: Path, *, fit: str = "pad", pad_value: tuple[int, i
         mask_path=labels.path, classes=None if labels.classes is None else list(labels.classes),
         labels=labels.label_classes(), ignore_value=labels.ignore_value,
         synthetic=slide.synthetic, fit=fit, pad_value=pad_value, max_region=max_region,
+        decoded_cache=decoded_cache,
     )
 
 

@@ -83,15 +83,17 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def slide_facts(reader: Any, slide_path: str | Path | None) -> dict:
-    """Name, path, checksum and geometry of the slide a region was read from."""
+def slide_facts(reader: Any, slide_path: str | Path | None, sha256: str | None = None) -> dict:
+    """Name, path, checksum and geometry of the slide a region was read from (``sha256``: the file's, if known)."""
     path = Path(slide_path) if slide_path is not None else None
+    if sha256 is None and path is not None and path.is_file():
+        sha256 = file_sha256(path)
     facts: dict[str, Any] = {
         "name": path.name if path is not None else reader.name,
         # Absolute, so that the region finds its slide from any working directory (relative_paths
         # then writes it relative to the region when the slide lies in the dataset folder).
         "path": os.path.abspath(path) if path is not None else None,
-        "sha256": file_sha256(path) if path is not None and path.is_file() else None,
+        "sha256": sha256,
         "bytes": path.stat().st_size if path is not None and path.is_file() else None,
         "dimensions": list(reader.dimensions),
         "level_count": reader.level_count,

@@ -141,6 +141,7 @@ def prepare_region(
     slide_path: str | Path | None = None,
     dataset_dir: str | Path | None = None,
     decoded_cache: bool = False,
+    slide_sha256: str | None = None,
 ) -> dict:
     """Write a region's mask and manifest into ``out_dir``; return the manifest.
 
@@ -156,6 +157,7 @@ def prepare_region(
     complete, so a failure leaves the previous ``out_dir`` (or none), never a partial one.
     The slide file is taken from ``slide_path`` or the reader's ``path`` attribute. Paths under
     ``dataset_dir`` (default ``out_dir``'s parent) are written relative to ``out_dir``.
+    ``slide_sha256`` spares hashing the slide again when the caller has its digest.
     Re-running with the same inputs writes byte-identical files.
     """
     if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size <= 0:
@@ -164,7 +166,7 @@ def prepare_region(
     out_dir = Path(out_dir)
     region = fit_region(reader, spec, total_stride=total_stride, fit=fit, pad_value=pad_value)
     slide_file = slide_path if slide_path is not None else getattr(reader, "path", None)
-    slide = slide_facts(reader, slide_file)
+    slide = slide_facts(reader, slide_file, slide_sha256)
     # Windows come from the slide where their pixels are known to be the whole region's: TIFF
     # pyramids OpenSlide reads tile for tile (generic TIFF, Aperio SVS), at whole level pixels.
     # Other formats (overlapping or offset tiles: MIRAX, NDPI, VMS) are decoded once, here.
