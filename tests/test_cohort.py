@@ -244,3 +244,55 @@ def test_regions_no_longer_asked_for_are_removed(tmp_path):
     assert {p.parent.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").glob("*/*/manifest.json")} == {
         "a/left"}
     assert not (tmp_path / "out" / "v").exists() and (tmp_path / "out" / "notes" / "x").is_dir()
+
+
+def test_auto_regions_on_a_trained_models_tissue(tmp_path, slides, model):
+    """``tissue_model``: windows chosen on the model's thresholded prediction, sampled as the Otsu view is."""
+    from gigaseg.data.region_kinds import VIEW_SIZE
+    from gigaseg.inference import LoadedModel, ModelTissueEstimate
+    from gigaseg.slides import open_slide
+
+    with open_slide(slides / "case0.tiff") as reader:
+        image = reader.read_region((0, 0), 0, reader.dimensions)
+        reference = model(image[np.newaxis])[0, ..., 0].numpy()  # 1024 x 2048: whole strides, no padding
+        # The threshold at the median makes half the slide "tissue", in the model's own layout.
+        threshold = float(np.median(reference))
+        loaded = LoadedModel(model=model, path=tmp_path, total_stride=STRIDE, threshold=threshold)
+        estimate = ModelTissueEstimate(loaded, "seed-0 model", max_side=512, tile_size=256)
+        view, downsample = estimate(reader)
+        assert downsample == 4.0 and view.shape == (256, 512)
+        np.testing.assert_array_equal(view, reference[::4, ::4] >= np.float32(threshold))
+
+        request = RegionRequest("m", kind="auto", width=512, height=256, count=3, min_tissue=0.25, tissue_model="m.keras")
+        with pytest.raises(ConfigError, match="tissue_model=m.keras, which was not loaded"):
+            resolve(reader, (request,), STRIDE)
+        regions = resolve(reader, (request,), STRIDE, estimates={"m.keras": estimate})
+    expected = choose_windows(view, (64, 128), STRIDE // 4, 3, 0.25)
+    assert [(r.y, r.x) for r in regions] == [(top * 4, left * 4) for top, left, _ in expected]
+    assert regions and all(reference[r.y:r.y + 256, r.x:r.x + 512].__ge__(threshold).mean() >= 0.2 for r in regions)
+    assert VIEW_SIZE == ModelTissueEstimate(loaded, "default").max_side
+
+
+def test_prepare_chooses_auto_regions_on_a_model_file_and_keeps_its_estimate(tmp_path, slides, model):
+    import subprocess
+
+    model.save(tmp_path / "m.keras")
+    path = str(slides / "case0.tiff")
+    command = [sys.executable, "-m", "gigaseg.cli.prepare", "data=slide", "data.slide.path=null", "data.regions={}",
+               f"+data.slides=[{{path: '{path}', split: train, name: a}}]", "data.mask.source=synthetic",
+               f"data.mask.path='{slides}/case0_mask.tiff'",
+               f"data.slide_regions=[{{name: m, kind: auto, width: 512, height: 256, count: 2, min_tissue: 0.0, "
+               f"tissue_model: '{tmp_path}/m.keras'}}]",
+               f"paths.data_dir={tmp_path}/data", f"hydra.run.dir={tmp_path}/out", "mlflow.tracking_uri=sqlite:///x.db"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    prepared = tmp_path / "data" / "slide" / "prepared" / "a"
+    saved = list(prepared.glob("tissue-*.npz"))
+    assert len(saved) == 1 and "estimating tissue with" in first.stdout + first.stderr
+    manifest = json.loads((prepared / "m0" / "manifest.json").read_text())
+    assert manifest["chosen_on"] == {"tissue_model": f"{tmp_path}/m.keras"}
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    log = second.stdout + second.stderr
+    assert "tissue estimate read from" in log and "estimating tissue with" not in log
+    assert "region m0 is up to date" in log

@@ -51,6 +51,8 @@ def _check_region(region: "RegionRequest", where: str = "data.regions") -> None:
         _check_int(f"{where}.count", region.count, minimum=1)
         if not 0.0 <= float(region.min_tissue) <= 1.0:
             raise ConfigError(f"{where}.min_tissue must be a fraction in [0, 1], got {region.min_tissue!r}")
+        if region.tissue_model is not None and not str(region.tissue_model).strip():
+            raise ConfigError(f"{where}.tissue_model must be a model URI (runs:/..., models:/..., a path) or null")
     elif region.kind == "annotations" and not region.annotation_class:
         raise ConfigError(f"{where}.annotation_class names the QuPath class whose annotations' boxes are the regions "
                           "(e.g. Region); give it")
@@ -88,7 +90,8 @@ class RegionRequest:
     - ``whole``: the whole level (padded to the total stride like any region);
     - ``auto``: up to ``count`` regions of ``width`` x ``height`` (default the study's 64000 x 16000,
       per axis at most the level), aligned to the total stride, chosen greedily by tissue
-      fraction on a low-resolution Otsu estimate, without overlap, none under ``min_tissue``;
+      fraction on a low-resolution tissue estimate (Otsu on saturation, or the tissue a trained
+      model predicts when ``tissue_model`` names one by URI), without overlap, none under ``min_tissue``;
     - ``annotations``: the bounding box of every QuPath annotation of class ``annotation_class``
       in the slide's GeoJSON (``data.mask.path``, or ``annotations_path``).
     """
@@ -106,6 +109,9 @@ class RegionRequest:
     min_tissue: float = 0.25
     annotation_class: str | None = None
     annotations_path: str | None = None
+    #: ``auto`` only: a trained model's URI (``runs:/``, ``models:/``, a path) whose predicted
+    #: tissue the windows are chosen on instead of the Otsu estimate.
+    tissue_model: str | None = None
 
     def spec(self):
         """The rectangle as :class:`gigaseg.data.RegionSpec` (by ``mpp`` when it gives one, else by ``level``)."""
@@ -140,6 +146,9 @@ class DatasetSpec:
     max_region: tuple[int, int] | None = None
     #: Also write each region's decoded pixels (image.npy) instead of reading windows from the slide.
     decoded_cache: bool = False
+    #: The tissue estimates of ``auto`` regions' ``tissue_model`` URIs: callables of a
+    #: SlideReader giving (tissue view, its downsample); see gigaseg.data.region_kinds.
+    tissue_estimates: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     #: The dataset folder: paths under it are written relative in the manifests (default: out_dir's parent).
     root: Path | None = None
@@ -309,7 +318,10 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
             from gigaseg.data.region_kinds import resolve
 
             geojson = spec.mask_path if spec.mask_source == "geojson" else None
-            regions = [capped(r, spec.max_region) for r in resolve(reader, tuple(regions), total_stride, geojson)]
+            estimates = {uri: saved_estimate(estimate, spec.out_dir, slide_digest)
+                         for uri, estimate in spec.tissue_estimates.items()}
+            regions = [capped(r, spec.max_region)
+                       for r in resolve(reader, tuple(regions), total_stride, geojson, estimates)]
         for region in regions:
             out = spec.out_dir / region.name
             request = {
@@ -339,6 +351,8 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
             extra = {"request": request, **spec.extra}
             if recipe is not None:
                 extra["seed"] = recipe["seed"]
+            if region.tissue_model:
+                extra["chosen_on"] = {"tissue_model": region.tissue_model}
             try:
                 manifests[region.name] = prepare_region(
                     reader,
@@ -361,6 +375,41 @@ def prepare_dataset(spec: DatasetSpec, *, total_stride: int, progress: bool = Tr
     return manifests
 
 
+def saved_estimate(estimate, folder: Path, slide_digest):
+    """``estimate`` (a tissue estimate of ``auto`` regions) kept in ``folder`` beside the slide's regions.
+
+    A model's estimate predicts the whole slide; it is saved as ``tissue-<key>.npz``, the key
+    digesting the estimate's ``identity`` and the slide's digest, and read back while
+    neither changes, so preparing again only reads it. Estimates without an identity are not
+    saved. Other ``tissue-*.npz`` files of the folder are removed when a new one is written.
+    """
+    identity = getattr(estimate, "identity", None)
+    if identity is None:
+        return estimate
+
+    def run(reader):
+        import hashlib
+
+        import numpy as np
+
+        key = hashlib.sha256(f"{identity}|{slide_digest()}".encode()).hexdigest()[:16]
+        path = folder / f"tissue-{key}.npz"
+        if path.is_file():
+            with np.load(path) as saved:
+                log.info("%s: tissue estimate read from %s", reader.name, path)
+                return saved["tissue"], float(saved["downsample"])
+        view, downsample = estimate(reader)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, tissue=view, downsample=np.float64(downsample))
+        for old in folder.glob("tissue-*.npz"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        return view, downsample
+
+    return run
+
+
 def prepare_cohort(
     cohort,
     out_dir: Path,
@@ -370,12 +419,14 @@ def prepare_cohort(
     pad_value: tuple[int, int, int] = DEFAULT_PAD_VALUE,
     max_region: tuple[int, int] | None = None,
     decoded_cache: bool = False,
+    tissue_estimates: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Prepare every region of every slide of a :class:`gigaseg.data.cohort.Cohort` and write its index.
 
     A slide's regions go to ``out_dir/<slide name>/<region name>/``; regions already prepared
-    from the same request are kept.
+    from the same request are kept. ``tissue_estimates`` maps the ``tissue_model`` URIs of
+    ``auto`` regions to their estimates (see :class:`DatasetSpec`).
     Returns the index entries (also written to ``out_dir/cohort.json``).
     """
     from tqdm.auto import tqdm
@@ -390,6 +441,7 @@ def prepare_cohort(
         folder = out_dir / slide.name
         spec = slide_spec(slide, folder, fit=fit, pad_value=pad_value, max_region=max_region,
                           decoded_cache=decoded_cache)
+        spec.tissue_estimates = dict(tissue_estimates or {})
         spec.root = out_dir.parent  # the dataset folder, which holds the demo's slides too
         try:
             manifests = prepare_dataset(spec, total_stride=total_stride, progress=progress)

@@ -94,6 +94,24 @@ def total_stride(model: dict[str, Any]) -> int:
     return math.prod(strides)
 
 
+def tissue_estimates(cohort, tracking_uri: str) -> dict[str, Any]:
+    """The tissue estimate of every ``tissue_model`` URI the cohort's ``auto`` regions name, loaded once each."""
+    uris = sorted({r.tissue_model for s in cohort.slides for r in s.regions if r.kind == "auto" and r.tissue_model})
+    if not uris:
+        return {}
+    import tempfile
+
+    from gigaseg.cli.common import resolve_model
+    from gigaseg.inference import ModelTissueEstimate, load_model
+
+    estimates = {}
+    for uri in uris:
+        with tempfile.TemporaryDirectory(prefix="gigaseg-model-") as tmp:
+            loaded = load_model(resolve_model(uri, tracking_uri, Path(tmp)))
+        estimates[uri] = ModelTissueEstimate(loaded, uri)
+    return estimates
+
+
 def run(cfg: DictConfig) -> list[dict]:
     """Prepare the cohort as the composed config says; returns its index entries."""
     from gigaseg.dataset import prepare_cohort
@@ -104,7 +122,8 @@ def run(cfg: DictConfig) -> list[dict]:
     return prepare_cohort(
         cohort, Path(data["prepared_dir"]), total_stride=total_stride(plain["model"]), fit=data.get("fit", "pad"),
         pad_value=tuple(data.get("pad_value")), max_region=None if data.get("max_region") is None else tuple(data["max_region"]),
-        decoded_cache=bool(data.get("decoded_cache", False)), progress=True,
+        decoded_cache=bool(data.get("decoded_cache", False)),
+        tissue_estimates=tissue_estimates(cohort, plain["mlflow"]["tracking_uri"]), progress=True,
     )
 
 

@@ -1,10 +1,12 @@
 """Turn a slide's region requests (``whole``, ``auto``, ``annotations``) into rectangles.
 
-``auto`` regions are chosen on a low-resolution tissue estimate: the saturation of a view
-of the slide of at most ``VIEW_SIZE`` pixels a side, cut at its Otsu threshold (the same
-estimate as the bootstrap labels). Windows of the requested size, aligned to the total
-stride, are scored by their tissue fraction with an integral image and taken greedily,
-best first, without overlap.
+``auto`` regions are chosen on a low-resolution tissue estimate: by default the saturation
+of a view of the slide of at most ``VIEW_SIZE`` pixels a side, cut at its Otsu threshold
+(the same estimate as the bootstrap labels); or, for a request naming a ``tissue_model``,
+the tissue that model predicts (a :data:`TissueEstimate` the caller loads, such as
+:class:`gigaseg.inference.ModelTissueEstimate`). Windows of the requested size, aligned to
+the total stride, are scored by their tissue fraction with an integral image and taken
+greedily, best first, without overlap.
 """
 
 from __future__ import annotations
@@ -13,18 +15,22 @@ import logging
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 
 from gigaseg.data.bootstrap import otsu_threshold, saturation
 from gigaseg.dataset import STUDY_REGION, RegionRequest
-from gigaseg.errors import MaskError, RegionError
+from gigaseg.errors import ConfigError, MaskError, RegionError
 from gigaseg.slides.base import SlideReader
 
 log = logging.getLogger(__name__)
 
 #: The longest side of the low-resolution view auto regions are chosen on.
 VIEW_SIZE = 2048
+
+#: A slide's low-resolution tissue estimate: (bool view, True = tissue; its downsample from level 0).
+TissueEstimate = Callable[[SlideReader], "tuple[np.ndarray, float]"]
 
 
 def region_level(reader: SlideReader, region: RegionRequest) -> int:
@@ -81,8 +87,12 @@ def choose_windows(tissue: np.ndarray, size: tuple[int, int], step: int, count: 
     return taken
 
 
-def auto_regions(reader: SlideReader, region: RegionRequest, total_stride: int) -> list[RegionRequest]:
-    """The ``auto`` rectangles of a slide: tissue-rich, aligned to the total stride, not overlapping."""
+def auto_regions(reader: SlideReader, region: RegionRequest, total_stride: int,
+                 estimate: TissueEstimate | None = None) -> list[RegionRequest]:
+    """The ``auto`` rectangles of a slide: tissue-rich, aligned to the total stride, not overlapping.
+
+    ``estimate`` gives the tissue view they are chosen on (default :func:`tissue_view`, Otsu).
+    """
     level = region_level(reader, region)
     lw, lh = reader.level_dimensions[level]
     level_ds = float(reader.level_downsamples[level])
@@ -91,14 +101,15 @@ def auto_regions(reader: SlideReader, region: RegionRequest, total_stride: int) 
     # Whole strides where the level allows it; a level smaller than one stride is padded instead.
     height = max(total_stride, height // total_stride * total_stride) if lh >= total_stride else height
     width = max(total_stride, width // total_stride * total_stride) if lw >= total_stride else width
-    tissue, view_ds = tissue_view(reader)
+    tissue, view_ds = (estimate or tissue_view)(reader)
     scale = level_ds / view_ds  # level pixels to view pixels
     size = (max(1, int(height * scale)), max(1, int(width * scale)))
     grid = max(1, int(total_stride * scale))
     chosen = choose_windows(tissue, size, grid, int(region.count), float(region.min_tissue))
     if not chosen:
-        log.warning("%s: no %dx%d region at level %d holds %.0f %% tissue or more; none chosen",
-                    reader.name, width, height, level, 100 * region.min_tissue)
+        log.warning("%s: no %dx%d region at level %d holds %.0f %% tissue or more (by %s); none chosen",
+                    reader.name, width, height, level, 100 * region.min_tissue,
+                    region.tissue_model or "the Otsu estimate")
     out = []
     for index, (top, left, fraction) in enumerate(chosen):
         # View pixels to level-0 pixels, on the total stride of the region's level.
@@ -138,8 +149,11 @@ def annotation_regions(reader: SlideReader, region: RegionRequest, geojson: Path
 
 
 def resolve(reader: SlideReader, regions: tuple[RegionRequest, ...], total_stride: int,
-            geojson: Path | None = None) -> list[RegionRequest]:
-    """Every request of a slide as ``rect`` regions (``auto`` and ``annotations`` may give several, or none)."""
+            geojson: Path | None = None, estimates: Mapping[str, TissueEstimate] | None = None) -> list[RegionRequest]:
+    """Every request of a slide as ``rect`` regions (``auto`` and ``annotations`` may give several, or none).
+
+    ``estimates`` maps each ``tissue_model`` URI of the ``auto`` requests to its loaded estimate.
+    """
     out: list[RegionRequest] = []
     for region in regions:
         if region.kind == "rect":
@@ -148,7 +162,13 @@ def resolve(reader: SlideReader, regions: tuple[RegionRequest, ...], total_strid
             lw, lh = reader.level_dimensions[region_level(reader, region)]
             out.append(replace(region, kind="rect", x=0, y=0, width=int(lw), height=int(lh)))
         elif region.kind == "auto":
-            out.extend(auto_regions(reader, region, total_stride))
+            estimate = None
+            if region.tissue_model:
+                estimate = (estimates or {}).get(region.tissue_model)
+                if estimate is None:
+                    raise ConfigError(f"{reader.name}: region {region.name} is chosen on tissue_model="
+                                      f"{region.tissue_model}, which was not loaded; gigaseg-prepare loads it")
+            out.extend(auto_regions(reader, region, total_stride, estimate))
         else:
             out.extend(annotation_regions(reader, region, geojson))
     names = [r.name for r in out]

@@ -1,5 +1,6 @@
 """Whole-slide inference: load a trained model, predict a slide tile by tile, write mask, outlines, overlay and summary."""
 
+from gigaseg.inference.estimate import ModelTissueEstimate
 from gigaseg.inference.models import LoadedModel, ModelError, load_model, read_mlmodel, save_keras
 from gigaseg.inference.predict import (
     PredictOptions,
@@ -14,6 +15,7 @@ from gigaseg.inference.windows import PaddedLevel
 __all__ = [
     "LoadedModel",
     "ModelError",
+    "ModelTissueEstimate",
     "PaddedLevel",
     "PredictOptions",
     "choose_level",
