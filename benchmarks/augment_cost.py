@@ -101,7 +101,7 @@ def step_costs(args: argparse.Namespace, directory: Path, costs: dict) -> dict:
 
     from gigaseg.augment import Augmentation, TransformedRegion
     from gigaseg.model import build_unet
-    from gigaseg.staging import StepStaging
+    from gigaseg.staging import IN_MEMORY_BYTES, StepStaging
     from gigaseg.streaming import TiledEngine
 
     image, mask = tissue_region(args.step_region, seed=1)
@@ -114,8 +114,10 @@ def step_costs(args: argparse.Namespace, directory: Path, costs: dict) -> dict:
     region = TransformedRegion(image, mask, Augmentation(turns=1, flip=True, **COLOUR))
     plain_s = cpu_ms(lambda: engine.step(image, mask), args.steps, 1) / 1e3
     unstaged_s = cpu_ms(lambda: engine.step(*region), args.steps, 1) / 1e3
-    # As training does: the augmented region written once to scratch files, which both passes read.
-    with StepStaging(directory / "staging") as staging:
+    # As training does: the augmented region staged once (in memory, or in scratch files for a
+    # region over the limit), which both passes read.
+    in_memory = IN_MEMORY_BYTES if args.stage_in_memory_mb is None else int(args.stage_in_memory_mb * 2**20)
+    with StepStaging(directory / "staging", in_memory=in_memory) as staging:
         augmented_s = cpu_ms(lambda: engine.step(*staging(*region)), args.steps, 1) / 1e3
     plan = engine.plan(region.shape)
     # Every window is read once per pass; the mask cores once per pass too.
@@ -131,6 +133,7 @@ def step_costs(args: argparse.Namespace, directory: Path, costs: dict) -> dict:
         "plain_step_cpu_s": round(plain_s, 3),
         "augmented_step_cpu_s": round(augmented_s, 3),
         "measured_share": round((augmented_s - plain_s) / augmented_s, 4),
+        "staged_in_memory": 4 * args.step_region**2 <= in_memory,
         "unstaged_augmented_step_cpu_s": round(unstaged_s, 3),
         "unstaged_measured_share": round((unstaged_s - plain_s) / unstaged_s, 4),
         "estimated_read_cpu_s": round(extra_ms / 1e3, 4),
@@ -166,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", action="store_true", help="also time a tiled Dice step plain and through an augmented view")
     parser.add_argument("--step-region", type=int, default=2048, help="side of the square region of --step")
     parser.add_argument("--tile-size", type=int, default=1024, help="tile side of --step, a multiple of 64")
+    parser.add_argument("--stage-in-memory-mb", type=float, default=None,
+                        help="--step: stage regions of up to this many MB in memory, else in scratch files "
+                             "(default: gigaseg.staging's; 0: always files)")
     parser.add_argument("--steps", type=int, default=3, help="steps timed (median) for --step, after one warm-up step")
     parser.add_argument("--json", action="store_true", help="print one JSON object (always on; kept for scripts)")
     args = parser.parse_args(argv)

@@ -6,7 +6,8 @@ region is also turned and recoloured. Writing the step's region once, band by ba
 ``.npy`` file and its mask beside it makes that work happen once per step; the passes then
 copy pages the kernel keeps cached. The files hold exactly the pixels the views give, so the
 step's numbers do not change. Memory stays one band of rows; the disk (``$TMPDIR``) holds the
-largest region once, 4 bytes a pixel.
+largest region once, 4 bytes a pixel. A region of up to ``IN_MEMORY_BYTES`` (64 Mpx) is
+staged into memory instead, which spares the file writes and the page faults of the maps.
 """
 
 from __future__ import annotations
@@ -27,6 +28,24 @@ from gigaseg.errors import WriteError
 #: caches for a narrow piece and not for a whole band.
 BAND_BYTES = 16 * 2**20
 PIECE = 1024
+#: Regions of at most this many bytes (3 a pixel for RGB, 1 for the mask) are staged in memory.
+IN_MEMORY_BYTES = 256 * 2**20
+
+
+def _fill(out: np.ndarray, source) -> np.ndarray:
+    """``out[:] = source`` band by band, each band's pieces on every core (as :func:`_write`, into memory)."""
+    height, width = out.shape[:2]
+    row_bytes = out[:1].nbytes
+    rows = max(16, min(256, BAND_BYTES // max(1, row_bytes)))
+
+    def copy(top: int, h: int, left: int) -> None:
+        out[top : top + h, left : left + PIECE] = source[top : top + h, left : left + PIECE]
+
+    with ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="gigaseg-staging") as pool:
+        for top in range(0, height, rows):
+            h = min(rows, height - top)
+            list(pool.map(lambda left: copy(top, h, left), range(0, width, PIECE)))
+    return out
 
 
 def _write(path: Path, source, dtype=np.uint8) -> np.memmap:
@@ -58,10 +77,15 @@ class StepStaging:
     """Scratch files for one region at a time in ``folder`` (a new folder in ``$TMPDIR`` by default); a context manager.
 
     ``largest`` (height, width) is the largest region to be staged: if the folder's disk has
-    not room for it, this fails at once rather than in the middle of a run.
+    not room for it, this fails at once rather than in the middle of a run. A region of at
+    most ``in_memory`` bytes (RGB and mask) is staged into memory instead, into buffers kept
+    from one call to the next: what a call returns is valid until the next call.
     """
 
-    def __init__(self, folder: str | Path | None = None, *, largest: tuple[int, int] | None = None) -> None:
+    def __init__(self, folder: str | Path | None = None, *, largest: tuple[int, int] | None = None,
+                 in_memory: int = IN_MEMORY_BYTES) -> None:
+        self.in_memory = int(in_memory)
+        self._buffers: dict[str, np.ndarray] = {}
         self._own = folder is None
         self.folder = Path(tempfile.mkdtemp(prefix="gigaseg-step-")) if folder is None else Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -88,7 +112,24 @@ class StepStaging:
         """``image`` and ``mask`` as read-only memory maps; arrays (and memory maps) pass through unchanged."""
         if isinstance(image, np.ndarray) and (mask is None or isinstance(mask, np.ndarray)):
             return image, mask
-        image = image if isinstance(image, np.ndarray) else _write(self.folder / "image.npy", image)
+        height, width = (int(v) for v in image.shape[:2])
+        if 4 * height * width <= self.in_memory:
+            stage = self._in_memory
+        else:
+            self._buffers.clear()
+            stage = self._on_disk
+        image = image if isinstance(image, np.ndarray) else stage("image", image)
         if mask is not None and not isinstance(mask, np.ndarray):
-            mask = _write(self.folder / "mask.npy", mask)
+            mask = stage("mask", mask)
         return image, mask
+
+    def _on_disk(self, name: str, source) -> np.memmap:
+        return _write(self.folder / f"{name}.npy", source)
+
+    def _in_memory(self, name: str, source) -> np.ndarray:
+        shape = tuple(int(v) for v in source.shape)
+        size = int(np.prod(shape, dtype=np.int64))
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.size < size:
+            buffer = self._buffers[name] = np.empty(size, np.uint8)
+        return _fill(buffer[:size].reshape(shape), source)
