@@ -258,7 +258,7 @@ def test_region_outside_the_slide_on_the_command_line(tmp_path):
     ("gigaseg-prepare", ["model=nosuch"], ["Could not find 'model/nosuch'", "gigaunet, gigaunet_wide"]),
     ("gigaseg-train", ["model=nosuch"], ["Could not find 'model/nosuch'", "gigaunet, gigaunet_wide"]),
     ("gigaseg-train", ["distributed=nosuch"], ["Could not find 'distributed/nosuch'", "mirrored, multiworker, none"]),
-    ("gigaseg-prepare", ["data=paper", "data.regions.train.width=0"], ["data.regions.train.width must be a positive integer"]),
+    ("gigaseg-prepare", ["data=paper_region", "data.regions.train.width=0"], ["data.regions.train.width must be a positive integer"]),
     ("gigaseg-prepare", ["data.slide_regions.0.count=0"], ["slide s0: regions.auto.count must be a positive integer"]),
     ("gigaseg-evaluate", ["nosuch=1"], ["nosuch is not an option", "reference_type"]),
     ("gigaseg-predict", ["model_uri=m.keras", "slide=s.svs", "tile_size=[1"], ["no viable alternative"]),

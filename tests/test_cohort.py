@@ -37,7 +37,7 @@ def data_config(compose, *overrides):
 
 
 def test_single_slide_form_splits_its_regions_by_name(compose):
-    cohort = cohort_from_config(data_config(compose, "data=paper"))
+    cohort = cohort_from_config(data_config(compose, "data=paper_region"))
     (slide,) = cohort.slides
     assert isinstance(slide, SingleSlide)
     assert [r.name for r in slide.regions] == ["train", "val"]

@@ -49,11 +49,17 @@ def test_tracking_uri_defaults_to_project_sqlite(compose, monkeypatch):
     assert compose().mlflow.artifact_location == f"{ROOT}/mlartifacts"
 
 
-def test_paper_experiment_is_the_studys_region(compose):
+def test_paper_experiment_is_a_cohort_of_the_studys_regions(compose):
     cfg = compose(["experiment=paper"])
-    train = cfg.data.regions.train
-    assert (train.height, train.width, train.level) == (16000, 64000, 0)
+    slides = cfg.data.slides
+    assert [s.split for s in slides] == ["train"] * 3 + ["val"]
+    assert all((s.synthetic.height, s.synthetic.width) == (16000, 64000) for s in slides)
+    assert len({s.synthetic.seed for s in slides}) == 4
+    assert [(r.kind, r.level) for r in cfg.data.slide_regions] == [("whole", 0)]
     assert cfg.model.name == "gigaunet"
+    assert (cfg.train.accumulate, cfg.train.steps) == (1, 30)
+    region = compose(["data=paper_region"]).data.regions.train
+    assert (region.height, region.width, region.level) == (16000, 64000, 0)
 
 
 def test_smoke_shrinks_regions_and_steps(compose):

@@ -174,8 +174,9 @@ def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig, rep
         if chief != tuple(plan.tile_size):
             plan = plan_tile_size(model, region_shape, budget_bytes=budget, tile_size=chief)
     log.info(
-        "tiled training: tiles of %s with halo %d, %d tiles per step, estimated peak %.0f MB (budget %.0f MB)",
-        plan.tile_size, plan.halo, plan.tiles, plan.estimated_peak_bytes / 2**20, plan.budget_bytes / 2**20,
+        "tiled training: tiles of %s with halo %d, planned for regions up to %dx%d pixels, estimated peak %.0f MB "
+        "(budget %.0f MB)", plan.tile_size, plan.halo, region_shape[0], region_shape[1],
+        plan.estimated_peak_bytes / 2**20, plan.budget_bytes / 2**20,
     )
     if replicas is not None:
         from gigaseg.distributed import DistributedEngine
@@ -292,7 +293,8 @@ def train(
     # tiled step read. Not for the plain step (it reads its region once) nor across replicas
     # (each reads only its own tiles).
     with contextlib.ExitStack() as stack:
-        staging = (stack.enter_context(StepStaging(largest=largest)) if plan is not None and replicas is None
+        biggest = max((tuple(r.image.shape[:2]) for r in train_regions), key=lambda s: s[0] * s[1])
+        staging = (stack.enter_context(StepStaging(largest=biggest)) if plan is not None and replicas is None
                    else None)
         for index in steps:
             step = index + 1
