@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 from scipy import ndimage
@@ -74,12 +74,35 @@ def count(
             f"prediction is {prediction.shape[1]}x{prediction.shape[0]} (w x h) but the reference is "
             f"{reference.shape[1]}x{reference.shape[0]}; compare masks of the same region and level"
         )
-    total = Counts(0, 0, 0, 0)
-    for top in range(0, prediction.shape[0], rows):
-        pred = np.asarray(prediction[top : top + rows]) >= threshold
-        labels = np.asarray(reference[top : top + rows])
+    bands = ((slice(top, top + rows), slice(None)) for top in range(0, prediction.shape[0], rows))
+    return _count_pieces(((key, prediction[key]) for key in bands), reference, threshold=threshold, ignore=ignore)
+
+
+def count_cores(
+    cores: Iterable[tuple[tuple[int, int, int, int], np.ndarray]],
+    reference: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    ignore: int | None = IGNORE_LABEL,
+) -> Counts:
+    """:func:`count` of a region's probabilities that come a rectangle at a time, never whole.
+
+    ``cores`` yields ``((top, left, bottom, right), probabilities)`` that cover the region
+    once (as :meth:`gigaseg.streaming.TiledEngine.predict_cores` does); each is compared with
+    the same rectangle of ``reference``.
+    """
+    pieces = (((slice(top, bottom), slice(left, right)), core) for (top, left, bottom, right), core in cores)
+    return _count_pieces(pieces, reference, threshold=threshold, ignore=ignore)
+
+
+def _count_pieces(pieces, reference: np.ndarray, *, threshold: float, ignore: int | None) -> Counts:
+    total, size = Counts(0, 0, 0, 0), 0
+    for key, probability in pieces:
+        pred = np.asarray(probability) >= threshold
+        labels = np.asarray(reference[key])
         total = total + band_counts(pred, labels > 0, None if ignore is None else labels == ignore)
-    if total.total == 0 and prediction.size:
+        size += pred.size
+    if total.total == 0 and size:
         raise MaskError(f"every pixel of the reference is {ignore} (ignore): there is nothing to score; check the mask")
     return total
 

@@ -39,6 +39,34 @@ def plot_curves(history: Sequence[dict], path: Path) -> Path:
     return Path(path)
 
 
+def preview_step(shape: Sequence[int], max_side: int = 2048) -> int:
+    """The stride of a region's downsampled picture: every ``step``-th pixel, at most ``max_side`` a side."""
+    return max(1, int(np.ceil(max(shape[0], shape[1]) / max_side)))
+
+
+class ProbabilityPreview:
+    """Every :func:`preview_step`-th probability of a region, filled a tile core at a time.
+
+    What the overlay picture of a validation region needs, without the region's whole
+    probabilities in memory (4 GB for 16000x64000).
+    """
+
+    def __init__(self, shape: Sequence[int], max_side: int = 2048) -> None:
+        self.step = step = preview_step(shape, max_side)
+        self.array = np.zeros((-(-int(shape[0]) // step), -(-int(shape[1]) // step)), np.float32)
+
+    def add(self, core: tuple[int, int, int, int], probability: np.ndarray) -> None:
+        """Keep the pixels of ``probability`` (the rectangle ``core`` = top, left, bottom, right) on the stride."""
+        top, left, bottom, right = core
+        step = self.step
+        first_row, first_col = -(-top // step) * step, -(-left // step) * step
+        if first_row >= bottom or first_col >= right:
+            return
+        kept = probability[first_row - top :: step, first_col - left :: step]
+        i, j = first_row // step, first_col // step
+        self.array[i : i + kept.shape[0], j : j + kept.shape[1]] = kept
+
+
 def overlay_png(
     image: np.ndarray,
     probability: np.ndarray,
@@ -50,15 +78,20 @@ def overlay_png(
 ) -> Path:
     """Save a downsampled view of ``image`` with predicted tissue tinted green and misses red.
 
-    Reads the (possibly memory-mapped) arrays with a stride, so the full region is never
-    loaded.
+    ``probability`` is the region's probabilities, or their :class:`ProbabilityPreview`
+    (already on the picture's stride). Reads the (possibly memory-mapped) arrays with a
+    stride, so the full region is never loaded.
     """
     from PIL import Image
 
-    h, w = image.shape[:2]
-    step = max(1, int(np.ceil(max(h, w) / max_side)))
+    step = preview_step(image.shape[:2], max_side)
     view = np.asarray(image[::step, ::step], dtype=np.float32)
-    predicted = np.asarray(probability[::step, ::step]) >= threshold
+    if isinstance(probability, ProbabilityPreview):
+        if probability.step != step:
+            raise ValueError(f"the preview has stride {probability.step}, the picture {step}")
+        predicted = probability.array >= threshold
+    else:
+        predicted = np.asarray(probability[::step, ::step]) >= threshold
     out = view.copy()
     green = np.array([40, 200, 60], np.float32)
     out[predicted] = 0.55 * out[predicted] + 0.45 * green

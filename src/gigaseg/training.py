@@ -21,7 +21,8 @@ import numpy as np
 from gigaseg import sysinfo
 from gigaseg.checkpoint import LAST, load_checkpoint, restore, save_checkpoint
 from gigaseg.errors import ConfigError, GigasegError, MemoryPlanError
-from gigaseg.evaluation import count
+from gigaseg.evaluation import count_cores
+from gigaseg.plots import ProbabilityPreview
 from gigaseg.options import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class TrainResult:
     metrics: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     checkpoint: Path | None = None
-    val_probability: np.ndarray | None = None
+    val_probability: ProbabilityPreview | None = None
     tiled: bool = False
     tile_size: tuple[int, int] | None = None
     model: Any = None
@@ -194,23 +195,43 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./: ]", "_", name)
 
 
-def validate_regions(engine, regions: list[TrainRegion], *, threshold: float) -> tuple[dict[str, float], np.ndarray]:
+def validate_regions(engine, regions: list[TrainRegion], *, threshold: float) -> tuple[dict[str, float], ProbabilityPreview]:
     """Validation metrics over every region: ``val_dice`` pooled over all their pixels, ``val_dice_mean``
-    over regions, ``val_dice/<slide>/<region>`` each; and the first region's probabilities (for a picture)."""
+    over regions, ``val_dice/<slide>/<region>`` each; and the first region's probabilities on the
+    stride of its picture.
+
+    Counted a tile core at a time (:meth:`~gigaseg.streaming.TiledEngine.predict_cores`), so
+    memory does not grow with a region's size.
+    """
     pooled = None
     metrics: dict[str, float] = {}
-    first = None
+    preview = None
     for region in regions:
-        probability = engine.predict(region.image)
-        counts = count(probability, region.mask, threshold=threshold)
+        cores = engine.predict_cores(region.image)
+        if preview is None:
+            preview = ProbabilityPreview(region.image.shape[:2])
+            cores = _previewed(cores, preview)
+        counts = count_cores(cores, region.mask, threshold=threshold)
         metrics[f"val_dice/{metric_key(region.key)}"] = counts.scores()["dice"]
         pooled = counts if pooled is None else pooled + counts
-        if first is None:
-            first = probability
     per_region = list(metrics.values())
     metrics["val_dice"] = pooled.scores()["dice"]
     metrics["val_dice_mean"] = float(np.mean(per_region))
-    return metrics, first
+    return metrics, preview
+
+
+def probability_preview(engine, image) -> ProbabilityPreview:
+    """A region's probabilities on the stride of its picture, predicted a tile core at a time."""
+    preview = ProbabilityPreview(image.shape[:2])
+    for core, probability in engine.predict_cores(image):
+        preview.add(core, probability)
+    return preview
+
+
+def _previewed(cores, preview: ProbabilityPreview):
+    for core, probability in cores:
+        preview.add(core, probability)
+        yield core, probability
 
 
 def train(
@@ -380,7 +401,7 @@ def train(
                      best["step"], best["dice"])
             model.set_weights(best["weights"])
             # The picture shows the model that is kept.
-            val_probability = val_engine.predict(val_regions[0].image)
+            val_probability = probability_preview(val_engine, val_regions[0].image)
         if logger is not None and best["path"] is not None:
             logger.log_artifact(best["path"], "checkpoints")
     times = [h["step_time_s"] for h in history[1:]] or [h["step_time_s"] for h in history]

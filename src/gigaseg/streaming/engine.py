@@ -371,17 +371,28 @@ class TiledEngine:
             out = np.empty(region_shape, np.float32)
         elif tuple(out.shape) != region_shape:
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {region_shape}")
+        for (top, left, bottom, right), core in self.predict_cores(image, progress=progress):
+            out[top:bottom, left:right] = core
+            if right == region_shape[1]:
+                # The whole band of rows is written; let it leave the resident set.
+                release_rows(out, top, bottom)
+        return out
+
+    def predict_cores(
+        self, image: np.ndarray, *, progress: Progress | None = None
+    ) -> Iterator[tuple[tuple[int, int, int, int], np.ndarray]]:
+        """Forward only: every tile core of the region, row-major, as ``((top, left, bottom, right), probabilities)``.
+
+        The float32 probabilities of each core are those :meth:`predict` writes there; a caller
+        that reduces them (validation counts) never holds the whole region's probabilities.
+        """
+        region_shape = check_region(image, None, self.total_stride)
         plan = self.plan(region_shape)
         reader = WindowReader(image)
         for tile, core in predict_tiles(self, plan, lambda tile: reader.read(tile.window)[0]):
-            top, left, bottom, right = tile.core
-            out[top:bottom, left:right] = core
-            if tile.col == plan.grid[1] - 1:
-                # The whole band of rows is written; let it leave the resident set.
-                release_rows(out, top, bottom)
+            yield tile.core, core
             if progress is not None:
                 progress(tile.index + 1, len(plan))
-        return out
 
 
 def loss_and_gradients(
