@@ -50,7 +50,25 @@ def cohort(tmp_path_factory, model):
     from dataclasses import replace
 
     predict_slide(model, slide, root / "cohort" / "1-binary", replace(options, kind="binary"))
+    evaluate_beside(root / "cohort" / "0-probability", slide.with_name("case one_mask.tiff"))
     return root
+
+
+def evaluate_beside(prediction: Path, reference: Path) -> dict:
+    """``gigaseg-evaluate beside_prediction=true`` on the composed config, in process."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from gigaseg.cli.evaluate import run
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="gigaseg.conf", version_base="1.3"):
+            cfg = compose("evaluate", overrides=[f"prediction={prediction}", f"reference={reference}",
+                                                 "beside_prediction=true", "log_mlflow=false"])
+    finally:
+        GlobalHydra.instance().clear()
+    return run(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +102,11 @@ def test_the_cohort_page_has_a_row_a_slide_with_images_numbers_and_links(served)
         assert column in page
     summary = json.loads(get(served, "/files/0/summary.json")[2])
     assert f'data-value="{float(summary["pieces"])!r}"' in page
+    # Dice where gigaseg-evaluate wrote its result beside the prediction, a dash elsewhere.
+    dice = json.loads(get(served, "/files/0/evaluation.json")[2])["overall"]["dice"]
+    assert f'data-key="dice" data-value="{dice!r}">{dice:.4f}</td>' in page
+    assert 'data-key="dice" data-value="">–</td>' in page
+    assert get(served, "/files/1/evaluation.json")[0] == 404
     status, headers, thumbnail = get(served, "/thumb/0.jpeg")
     image = Image.open(io.BytesIO(thumbnail))
     assert status == 200 and image.format == "JPEG" and image.size == (256, 128)  # the level of at most two tiles a side
@@ -97,7 +120,7 @@ def test_the_slide_page_has_slide_and_mask_layers_placed_by_the_masks_downsample
     assert status == 200 and b"/static/openseadragon/openseadragon.min.js" in page and b"/static/slide.js" in page
     info = json.loads(get(served, "/api/slide/0.json")[2])
     summary = json.loads((cohort / "cohort" / "0-probability" / "summary.json").read_text())
-    assert set(info["layers"]) == {"slide", "mask", "mask_binary"}
+    assert set(info["layers"]) == {"slide", "mask", "mask_binary", "reference"}
     assert (info["width"], info["height"], info["mpp"]) == (2048, 1024, 0.5)
     mask = info["layers"]["mask"]
     assert (mask["width"], mask["height"]) == (summary["width"], summary["height"]) == (512, 256)
@@ -105,6 +128,10 @@ def test_the_slide_page_has_slide_and_mask_layers_placed_by_the_masks_downsample
     assert info["outlines"] == "/files/0/outlines.geojson"
     # A binary prediction has no second, thresholded mask layer.
     assert set(json.loads(get(served, "/api/slide/1.json")[2])["layers"]) == {"slide", "mask"}
+
+    # The evaluation's reference (the generator's truth at level 0) is a layer of its own, on the same level 0.
+    reference = info["layers"]["reference"]
+    assert (reference["width"], reference["height"], reference["downsample"]) == (2048, 1024, 1.0)
 
     dzi = get(served, "/dz/0/slide.dzi")[2].decode()
     assert 'TileSize="254"' in dzi and 'Overlap="1"' in dzi and 'Width="2048"' in dzi and 'Format="jpeg"' in dzi
@@ -137,11 +164,22 @@ def test_mask_tiles_are_translucent_pngs_showing_the_predicted_tissue(served, co
     assert np.array_equal(cut[..., 3] > 0, probability[:255, 253:509] >= 128)
 
 
+def test_the_reference_is_drawn_in_its_own_colour(served, cohort):
+    import tifffile
+
+    truth = tifffile.imread(cohort / "slides" / "case one_mask.tiff", key=0)
+    rgba = np.asarray(Image.open(io.BytesIO(get(served, "/dz/0/reference_files/11/2_1.png")[2])))
+    window = truth[253:509, 507:763]
+    assert rgba.shape == (256, 256, 4) and window.any() and not window.all()
+    assert np.array_equal(rgba[..., 3] > 0, window > 0)
+    assert (rgba[window > 0, :3] == (40, 120, 255)).all()
+
+
 BAD_PATHS = [
     "/../summary.json", "/files/0/../../slides/case%20one.tiff", "/files/0/%2e%2e/summary.json",
     "/files/0/..%2fsummary.json", "/files/0/mask.tiff", "/files/0//etc/passwd", "//etc/passwd", "/etc/passwd",
     "/static/../predictions.py", "/static/%2e%2e/server.py", "/static//etc/passwd", "/static/openseadragon/../../server.py",
-    "/dz/0/slide_files/11/99_99.jpeg", "/dz/0/slide_files/11/0_0.png", "/dz/0/reference.dzi", "/dz/7/slide.dzi",
+    "/dz/0/slide_files/11/99_99.jpeg", "/dz/0/slide_files/11/0_0.png", "/dz/1/reference.dzi", "/dz/7/slide.dzi",
     "/slide/2", "/slide/-1", "/thumb/0.png", "/files/0/reference.geojson", "/files/0/summary.json%00.png",
     "http://127.0.0.1/etc/passwd", "/files/0/overlay.png/..",
 ]

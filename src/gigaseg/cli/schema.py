@@ -226,6 +226,8 @@ class EvaluateAppSchema(CommonSchema):
     classes: Optional[list[str]] = None
     #: Where evaluation.json and pieces.csv go; None: the Hydra run folder.
     output_dir: Optional[str] = None
+    #: Write them into the prediction's own folder instead, beside its summary.json, where gigaseg-view finds them.
+    beside_prediction: bool = False
     #: Pieces are found on blocks of pixels so that at most this many blocks are labelled.
     max_piece_pixels: int = 2**24
     log_mlflow: bool = True
