@@ -33,22 +33,41 @@ def test_the_grid_is_openslides_deep_zoom_geometry(width, height):
         assert grid.tile(top, 1, 0).box[0] == 253 and grid.tile(top, 0, 0).box[2] == 255
 
 
-def test_openslide_tiles_are_the_slides_pixels_at_every_level():
+def test_tiles_are_openslides_deep_zoom_tiles_at_every_level():
     with open_slide(PROSTATE) as slide:
         deep_zoom = slide.deep_zoom()
-        generic = RegionDeepZoom(slide)
         reference = DeepZoomGenerator(slide._slide, 254, 1, limit_bounds=False)
-        assert [deep_zoom.grid.level_dimensions(k) for k in range(deep_zoom.grid.level_count)] == list(reference.level_dimensions)
-        for level in (deep_zoom.grid.max_level, deep_zoom.grid.max_level - 2, 4):
-            cols, rows = deep_zoom.grid.tile_count(level)
+        grid = deep_zoom.grid
+        assert [grid.level_dimensions(k) for k in range(grid.level_count)] == list(reference.level_dimensions)
+        top = grid.max_level
+        # Full size: the slide's own pixels, exactly.
+        assert np.array_equal(deep_zoom.tile(top, 0, 0), np.asarray(reference.get_tile(top, (0, 0))))
+        assert np.array_equal(deep_zoom.tile(top, 0, 0), slide.read_region((0, 0), 0, (255, 255)))
+        # Reduced (box filter here, Lanczos there), and cut from the overview at the coarse levels.
+        assert deep_zoom.overview_level == 11  # 2500 px: levels up to 1250 px a side
+        for level in (top, top - 1, top - 2, top - 4, 4, 0):
+            cols, rows = grid.tile_count(level)
             for col, row in ((0, 0), (cols - 1, rows - 1)):
                 tile = deep_zoom.tile(level, col, row)
-                assert tile.shape == deep_zoom.grid.tile(level, col, row).size[::-1] + (3,)
-                assert np.array_equal(tile, np.asarray(reference.get_tile(level, (col, row))))
-                # Read through read_region and resized instead: the same picture.
-                assert np.abs(tile.astype(int) - generic.tile(level, col, row)).mean() < 6
-        full = slide.read_region((0, 0), 0, (255, 255))
-        assert np.array_equal(deep_zoom.tile(deep_zoom.grid.max_level, 0, 0), full)
+                theirs = np.asarray(reference.get_tile(level, (col, row)))
+                assert tile.shape == grid.tile(level, col, row).size[::-1] + (3,) == theirs.shape
+                assert np.abs(tile.astype(int) - theirs).mean() < 8, (level, col, row)
+
+
+def test_coarse_levels_come_from_one_overview_like_the_slide_read_directly():
+    with open_slide(PROSTATE) as slide:
+        small = RegionDeepZoom(slide, overview_side=300)
+        direct = RegionDeepZoom(slide, overview_side=0)
+        assert (small.overview_level, direct.overview_level) == (8, 0)  # 157 px; 313 at level 9
+        overview = small.overview()
+        assert [o.shape[:2][::-1] for o in overview] == [small.grid.level_dimensions(k) for k in range(9)]
+        for level in (8, 7, 5):
+            cols, rows = small.grid.tile_count(level)
+            for col, row in ((0, 0), (cols - 1, rows - 1)):
+                ours, theirs = small.tile(level, col, row).astype(int), direct.tile(level, col, row)
+                # Reduced twice (to the overview, then halved) against once: the same picture, a little smoother.
+                assert np.abs(ours - theirs).mean() < 10
+                assert np.abs(ours.mean(axis=(0, 1)) - theirs.mean(axis=(0, 1))).max() < 3
 
 
 def test_any_reader_has_deep_zoom_tiles_and_missing_tiles_are_region_errors():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import math
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 #: OpenSlide's and OpenSeadragon's usual tile: 254 pixels plus 1 of overlap on each side.
 TILE_SIZE = 254
 OVERLAP = 1
+#: Deep Zoom levels of at most this many pixels a side are cut from an overview made once (``RegionDeepZoom``).
+OVERVIEW_SIDE = 2048
 
 
 @dataclass(frozen=True)
@@ -131,30 +134,68 @@ class DeepZoomSource(abc.ABC):
 
 
 class RegionDeepZoom(DeepZoomSource):
-    """Deep Zoom tiles of any ``SlideReader``: each tile read from the nearest finer level and resized.
+    """Deep Zoom tiles of any ``SlideReader``: fine tiles read from the nearest finer level and reduced, coarse ones cut
+    from an overview of the slide made once.
 
-    The slide covers its whole level 0, so tiles line up with masks placed by their level-0 downsample.
+    A slide's pyramid often stops far above the coarsest Deep Zoom levels (the 128000x32000
+    benchmark slide's at 8000x2000); read from the slide, each tile of those levels would
+    decode that whole level. The overview (at most ``overview_side`` pixels a side, 12 MB for
+    2048x2048) is read once, in bands, on the first request for such a tile. The slide covers
+    its whole level 0, so tiles line up with masks placed by their level-0 downsample.
     """
 
-    def __init__(self, slide: SlideReader, tile_size: int = TILE_SIZE, overlap: int = OVERLAP) -> None:
+    def __init__(self, slide: SlideReader, tile_size: int = TILE_SIZE, overlap: int = OVERLAP,
+                 overview_side: int = OVERVIEW_SIDE) -> None:
         self.slide = slide
         self.grid = DeepZoomGrid(*slide.dimensions, tile_size=tile_size, overlap=overlap)
+        #: The finest Deep Zoom level cut from the overview.
+        self.overview_level = max(k for k in range(self.grid.level_count)
+                                  if max(self.grid.level_dimensions(k)) <= max(overview_side, 1))
+        self._overview: list[np.ndarray] | None = None
+        self._lock = threading.Lock()
 
     def tile(self, level: int, col: int, row: int) -> np.ndarray:
+        tile = self.grid.tile(level, col, row)
+        if level <= self.overview_level:
+            x0, y0, x1, y1 = tile.box
+            return self.overview()[level][y0:y1, x0:x1]
+        return self._read(tile.full_box, self.grid.scale(level), tile.size)
+
+    def _read(self, full_box: tuple[int, int, int, int], scale: float, size: tuple[int, int]) -> np.ndarray:
+        """Level-0 rectangle ``full_box`` read from the slide level nearest ``scale`` and reduced to ``size``."""
         from PIL import Image
 
-        tile = self.grid.tile(level, col, row)
-        x0, y0, x1, y1 = tile.full_box
-        scale = self.grid.scale(level)
+        x0, y0, x1, y1 = full_box
         slide_level = self.slide.level_for_downsample(scale)
         ds = self.slide.level_downsamples[slide_level]
         lw, lh = self.slide.level_dimensions[slide_level]
         # The rectangle at the slide's level, kept inside it (its size is rounded down).
-        left, top = int(x0 // ds), int(y0 // ds)
+        left, top = min(lw - 1, int(x0 // ds)), min(lh - 1, int(y0 // ds))
         w = max(1, min(lw - left, math.ceil((x1 - x0) / ds)))
         h = max(1, min(lh - top, math.ceil((y1 - y0) / ds)))
         pixels = self.slide.read_region((round(left * ds), round(top * ds)), slide_level, (w, h))
-        size = tile.size
-        if (w, h) == size:
+        if (w, h) == tuple(size):
             return pixels
-        return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BOX))
+        return np.asarray(Image.fromarray(pixels).resize(tuple(size), Image.Resampling.BOX))
+
+    def overview(self) -> list[np.ndarray]:
+        """The Deep Zoom levels up to ``overview_level``, whole, made on first use."""
+        with self._lock:
+            if self._overview is None:
+                from PIL import Image
+
+                level = self.overview_level
+                width, height = self.grid.level_dimensions(level)
+                scale = self.grid.scale(level)
+                image = np.empty((height, width, 3), np.uint8)
+                band = 64
+                for top in range(0, height, band):
+                    bottom = min(height, top + band)
+                    box = (0, top * scale, self.grid.width, min(self.grid.height, bottom * scale))
+                    image[top:bottom] = self._read(box, scale, (width, bottom - top))
+                levels = [image]
+                for k in range(level - 1, -1, -1):
+                    smaller = Image.fromarray(levels[0]).resize(self.grid.level_dimensions(k), Image.Resampling.BOX)
+                    levels.insert(0, np.asarray(smaller))
+                self._overview = levels
+            return self._overview

@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 import openslide
 import openslide.lowlevel
-from openslide.deepzoom import DeepZoomGenerator
 
 from gigaseg.errors import SlideError
 from gigaseg.slides.base import SlideReader
-from gigaseg.slides.deepzoom import DeepZoomGrid, DeepZoomSource
 from gigaseg.slides.tiff_tiles import TiffTiles
 
 log = logging.getLogger(__name__)
@@ -170,11 +168,6 @@ class OpenSlideReader(SlideReader):
         # Not closed here: another reader thread may be inside a call on it; it is closed once unreferenced.
         self._slide = fresh
 
-    def deep_zoom(self, tile_size: int = 254, overlap: int = 1) -> "OpenSlideDeepZoom":
-        """Deep Zoom tiles of the whole of level 0 from OpenSlide's own generator (``openslide.deepzoom``)."""
-        self._check_open()
-        return OpenSlideDeepZoom(self, tile_size, overlap)
-
     def close(self) -> None:
         if not self._closed:
             if self._tiles is not None:
@@ -184,43 +177,6 @@ class OpenSlideReader(SlideReader):
 
     def __repr__(self) -> str:
         return f"OpenSlideReader({str(self.path)!r})"
-
-
-class OpenSlideDeepZoom(DeepZoomSource):
-    """Tiles of ``openslide.deepzoom.DeepZoomGenerator`` over a reader's slide, its whole level 0 (no bounds cropping).
-
-    Not cropped to the scanned area (``limit_bounds=False``), so a tile covers the level-0
-    pixels the predicted mask, which covers the whole level, was made from.
-    """
-
-    def __init__(self, reader: OpenSlideReader, tile_size: int, overlap: int) -> None:
-        self.reader = reader
-        self.grid = DeepZoomGrid(*reader.dimensions, tile_size=tile_size, overlap=overlap)
-        self._generators: tuple[object, DeepZoomGenerator] | None = None
-
-    def _generator(self) -> DeepZoomGenerator:
-        handle = self.reader._slide  # a new handle after a failed read (OpenSlideReader._reopen)
-        if self._generators is None or self._generators[0] is not handle:
-            generator = DeepZoomGenerator(handle, self.grid.tile_size, self.grid.overlap, limit_bounds=False)
-            if generator.level_count != self.grid.level_count:  # the same geometry, or the layers would not line up
-                raise SlideError(f"{self.reader.name}: OpenSlide's Deep Zoom has {generator.level_count} levels, "
-                                 f"expected {self.grid.level_count}")
-            self._generators = (handle, generator)
-        return self._generators[1]
-
-    def tile(self, level: int, col: int, row: int) -> np.ndarray:
-        self.reader._check_open()
-        tile = self.grid.tile(level, col, row)  # RegionError for a tile that does not exist
-        try:
-            image = self._generator().get_tile(level, (col, row))
-        except openslide.OpenSlideError as exc:
-            self.reader._reopen()
-            raise SlideError(f"{self.reader.name}: cannot read Deep Zoom tile ({col}, {row}) of level {level}: {exc}; "
-                             "the slide file is probably corrupt") from exc
-        pixels = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
-        if pixels.shape[:2] != tile.size[::-1]:
-            raise AssertionError(f"OpenSlide's tile is {pixels.shape}, expected {tile.size[::-1]}")
-        return pixels
 
 
 _RAW_READ = getattr(openslide.lowlevel, "_read_region", None)

@@ -156,6 +156,9 @@ class _Handler(BaseHTTPRequestHandler):
         except GigasegError as exc:  # a corrupt tile, an unreadable slide: said, and the server goes on
             log.warning("%s: %s", self.path, exc)
             response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, TYPES[".txt"], f"{exc}\n".encode())
+        except Exception:  # noqa: BLE001 - a bug must not take the connection (and the browser's other tiles) with it
+            log.exception("%s failed", self.path)
+            response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, TYPES[".txt"], b"internal error\n")
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
