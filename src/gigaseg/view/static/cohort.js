@@ -1,5 +1,6 @@
 // The cohort table: click a heading to sort by it (again to reverse); the filter keeps rows whose
 // slide name holds its words, and terms such as dice<0.9 or pieces>=2 compare a column with a number.
+// ?filter=... and ?sort=dice (or -dice, descending) in the address start it so.
 (function () {
   "use strict";
   const table = document.getElementById("cohort");
@@ -66,7 +67,19 @@
       if (event.key === "Enter") { sortBy(th.dataset.key, th.dataset.type); }
     });
   });
+  // Each image says when it has been drawn (read by the browser test).
+  Array.from(table.querySelectorAll("img")).forEach(function (img) {
+    function loaded() { img.dataset.drawn = img.naturalWidth + "x" + img.naturalHeight; }
+    if (img.complete && img.naturalWidth) { loaded(); } else { img.addEventListener("load", loaded); }
+  });
   filter.addEventListener("input", applyFilter);
+  const asked = new URLSearchParams(window.location.search);
+  if (asked.get("filter")) { filter.value = asked.get("filter"); }
+  const sort = asked.get("sort");
+  if (sort) {
+    const th = table.querySelector('th[data-key="' + sort.replace(/^-/, "") + '"]');
+    if (th) { sortBy(th.dataset.key, th.dataset.type); if (sort[0] === "-") { sortBy(th.dataset.key, th.dataset.type); } }
+  }
   applyFilter();
   document.body.dataset.columns = keys.join(" ");
 })();

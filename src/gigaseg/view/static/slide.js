@@ -2,6 +2,7 @@
 // translucent layers placed on the slide's level 0 by their downsample, the outlines drawn over them in SVG,
 // and a scale bar in micrometres when the slide records its resolution.
 // What has been drawn is written into data- attributes of <body>, which the browser test reads.
+// The address can set the controls: ?style=binary&opacity=80&slide=0&mask=1&outlines=0&reference=0.
 (function () {
   "use strict";
   const body = document.body;
@@ -152,6 +153,12 @@
     }
     Promise.all(drawn).then(function () { applyToggles(); redraw(); body.dataset.outlinesDrawn = "true"; });
 
+    const asked = new URLSearchParams(window.location.search);
+    ["slide", "mask", "outlines", "reference"].forEach(function (name) {
+      if (asked.has(name)) { document.getElementById("show-" + name).checked = asked.get(name) !== "0"; }
+    });
+    if (asked.get("style") === "binary" && info.layers.mask_binary) { document.getElementById("mask-style").value = "mask_binary"; }
+    if (asked.has("opacity")) { opacity.value = String(Math.max(0, Math.min(100, Number(asked.get("opacity")) || 0))); }
     const hasReference = Boolean(info.layers.reference || info.reference_outlines);
     document.getElementById("reference-toggle").hidden = !hasReference;
     document.getElementById("mask-style").hidden = !info.layers.mask_binary;
