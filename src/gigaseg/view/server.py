@@ -30,9 +30,12 @@ from gigaseg.view.tiles import CACHE_BYTES, NoSuchTile, TileService
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
+#: OpenSeadragon 6.1.1 adds one <style> of its own (no focus outline on touch screens); it is allowed by its hash.
+_OPENSEADRAGON_STYLE = "'sha256-9xTiqzfwFaL2SGb1rmr8gysEwVVjIvqWAgmZgqFqpEE='"
 #: Nothing from elsewhere: scripts, styles, images and requests from this server only.
-CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-                           "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CONTENT_SECURITY_POLICY = (f"default-src 'none'; script-src 'self'; style-src 'self' {_OPENSEADRAGON_STYLE}; "
+                           "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                           "frame-ancestors 'none'")
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
          ".png": "image/png", ".jpeg": "image/jpeg", ".json": "application/json", ".geojson": "application/geo+json",
          ".dzi": "application/xml", ".txt": "text/plain; charset=utf-8", ".svg": "image/svg+xml"}
@@ -168,7 +171,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", f"private, max-age={response.max_age}" if response.max_age else "no-cache")
         self.end_headers()
         if not head_only:
-            self.wfile.write(response.body)
+            try:
+                self.wfile.write(response.body)
+            except ConnectionError:  # the browser moved on (a tile no longer in view, a closed tab)
+                self.close_connection = True
 
     def do_GET(self) -> None:  # noqa: N802 - the standard library's name
         self._respond(head_only=False)
@@ -189,6 +195,14 @@ class _Server(ThreadingHTTPServer):
         self.address_family = family
         super().__init__(address, _Handler)
         self.viewer = viewer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection the browser dropped is routine; anything else goes to the log, not to stderr."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        log.warning("request from %s failed", client_address[0], exc_info=True)
 
 
 def is_loopback(host: str) -> bool:

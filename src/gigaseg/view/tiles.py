@@ -210,8 +210,9 @@ class TileService:
                     downsample = 1.0
                 else:
                     grid = self._mask_source(prediction, name).grid
-                    # The mask and the reference cover the predicted level, which covers level 0.
-                    downsample = width0 / grid.width
+                    # The mask lies on level 0 by the downsample it was predicted at; the reference
+                    # (at whatever size) covers the same level 0.
+                    downsample = prediction.downsample if name.startswith("mask") else width0 / grid.width
             except NoSuchTile:
                 continue
             except GigasegError as exc:

@@ -75,6 +75,14 @@
       }
     }
 
+    function updateDrawn() {
+      // The visible layers, once every one of them is fully loaded and the outlines are in (else "").
+      const visible = Object.keys(items).filter(function (name) { return items[name].getOpacity() > 0; });
+      const done = body.dataset.layers !== undefined && body.dataset.outlinesDrawn === "true" &&
+        visible.every(function (name) { return items[name].getFullyLoaded(); });
+      body.dataset.drawn = done ? visible.join(" ") : "";
+    }
+
     function applyToggles() {
       const overlay = opacity.value / 100;
       const style = document.getElementById("mask-style").value;
@@ -90,6 +98,7 @@
         p.setAttribute("visibility", show("reference") ? "visible" : "hidden");
       });
       body.dataset.maskOpacity = String(show("mask") ? overlay : 0);
+      updateDrawn();
     }
 
     viewer.addHandler("tile-loaded", function (event) {
@@ -117,6 +126,7 @@
         success: function (event) {
           event.item.gigasegLayer = name;
           items[name] = event.item;
+          event.item.addHandler("fully-loaded-change", updateDrawn);
           addLayer(k + 1);
         },
         error: function () { say("the " + name + " layer could not be opened"); addLayer(k + 1); },
@@ -151,7 +161,7 @@
       drawn.push(drawOutlines(info.reference_outlines, r[0], r[1], {exterior: "reference", hole: "reference"})
         .then(function (n) { body.dataset.referenceRings = String(n); }));
     }
-    Promise.all(drawn).then(function () { applyToggles(); redraw(); body.dataset.outlinesDrawn = "true"; });
+    Promise.all(drawn).then(function () { body.dataset.outlinesDrawn = "true"; applyToggles(); redraw(); });
 
     const asked = new URLSearchParams(window.location.search);
     ["slide", "mask", "outlines", "reference"].forEach(function (name) {
