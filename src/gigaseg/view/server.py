@@ -150,6 +150,14 @@ class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
     server_version = "gigaseg-view"
     sys_version = ""
+    # Keep-alive: a browser fetches a view's tiles over a few connections instead of one (and one
+    # thread) per tile; peak memory grew with the threads' allocator arenas (benchmarks/README.md).
+    protocol_version = "HTTP/1.1"
+    #: Seconds an idle kept-alive connection (and its thread) waits for the next request.
+    timeout = 60
+    # Headers and body go out in two writes: with Nagle's algorithm the body waited for the
+    # client's delayed acknowledgement of the headers, 40 ms a tile on a kept-alive connection.
+    disable_nagle_algorithm = True
 
     def _respond(self, head_only: bool) -> None:
         try:
