@@ -175,6 +175,43 @@ def test_the_reference_is_drawn_in_its_own_colour(served, cohort):
     assert (rgba[window > 0, :3] == (40, 120, 255)).all()
 
 
+def test_a_slide_that_moved_leaves_the_mask_and_outlines_shown(cohort, tmp_path):
+    folder = tmp_path / "cohort" / "moved"
+    shutil.copytree(cohort / "cohort" / "1-binary", folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["slide"] = str(tmp_path / "gone.tiff")
+    (folder / "summary.json").write_text(json.dumps(summary))
+    with open_viewer(str(tmp_path / "cohort"), None) as server:
+        info = json.loads(get(server, "/api/slide/0.json")[2])
+        assert set(info["layers"]) == {"mask"} and (info["width"], info["height"]) == (2048, 1024)
+        assert any("gone.tiff is not there" in note for note in info["notes"])
+        assert get(server, "/thumb/0.jpeg")[0] == 404 and get(server, "/dz/0/slide.dzi")[0] == 404
+        assert get(server, "/dz/0/mask_files/9/0_0.png")[0] == 200
+        assert "no slide" in get(server, "/")[2].decode()
+
+
+def test_a_geojson_reference_is_served_as_the_exact_file_the_evaluation_names(cohort, tmp_path):
+    """QuPath annotations as the reference: drawn as outlines, the one file evaluation.json names, and no other."""
+    from gigaseg.outlines import write_geojson
+
+    folder = tmp_path / "cohort" / "annotated"
+    shutil.copytree(cohort / "cohort" / "1-binary", folder)
+    annotations = tmp_path / "annotations" / "case one.geojson"
+    annotations.parent.mkdir()
+    write_geojson([[np.array([[100, 100], [900, 100], [900, 700], [100, 700]], float)]], annotations)
+    (annotations.parent / "other.geojson").write_text("{}")
+    report = evaluate_beside(folder, annotations)
+    assert report["paths"]["reference"] == str(annotations.resolve())
+    with open_viewer(str(tmp_path / "cohort"), None) as server:
+        info = json.loads(get(server, "/api/slide/0.json")[2])
+        assert info["reference_outlines"] == "/files/0/reference.geojson" and "reference" not in info["layers"]
+        status, headers, body = get(server, "/files/0/reference.geojson")
+        assert status == 200 and body == annotations.read_bytes()
+        assert headers["Content-Type"] == "application/geo+json"
+        assert get(server, "/files/0/other.geojson")[0] == 404
+        assert f'data-value="{report["overall"]["dice"]!r}"' in get(server, "/")[2].decode()
+
+
 BAD_PATHS = [
     "/../summary.json", "/files/0/../../slides/case%20one.tiff", "/files/0/%2e%2e/summary.json",
     "/files/0/..%2fsummary.json", "/files/0/mask.tiff", "/files/0//etc/passwd", "//etc/passwd", "/etc/passwd",
@@ -262,6 +299,9 @@ def test_bad_arguments_are_config_errors(cohort, tmp_path):
         open_viewer(str(tmp_path), None)
     with pytest.raises(ConfigError, match="port=70000"):
         open_viewer(str(cohort / "cohort"), None, port=70000)
+    with open_viewer(str(cohort / "cohort"), None) as server:
+        with pytest.raises(ConfigError, match=f"cannot serve on 127.0.0.1:{server.port} .*port=0 for a free one"):
+            open_viewer(str(cohort / "cohort"), None, port=server.port)
 
 
 def test_the_command_starts_in_about_a_second_without_tensorflow_and_prints_the_url(cohort):
