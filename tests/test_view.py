@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from conftest import ROOT
 from PIL import Image
 
 from gigaseg.cli.view import open_viewer
@@ -336,12 +338,19 @@ def test_bad_input_on_the_command_line_is_one_line(cohort, tmp_path):
     ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     processes = [(_command(*args, env=env, cwd=tmp_path), fragment) for args, fragment in cases]  # at once: 2 cores
+    # The MLflow project's entry point runs the same command (MLproject: view).
+    entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["view"]["command"]
+    assert entry == "python -m gigaseg.cli.project view {overrides}"
+    launcher = [sys.executable, "-m", "gigaseg.cli.project", "view", f"dir={tmp_path / 'nowhere'} port=0"]
+    processes.append((subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                       cwd=tmp_path), "no such folder"))
     for process, fragment in processes:
         _, stderr = process.communicate(timeout=120)
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert process.returncode == 2, stderr
         assert len(errors) == 1 and fragment in errors[0], stderr
         assert "Traceback" not in stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]  # the viewer writes no run folder, log or store
 
 
 @pytest.mark.slow
