@@ -25,39 +25,33 @@ def _head(title: str) -> str:
     )
 
 
-#: The cohort table's columns: (key, heading, digits or None for text).
-COLUMNS = (("name", "slide", None), ("area", "tissue mm²", 2), ("fraction", "tissue %", 1), ("pieces", "pieces", 0),
-           ("seconds", "seconds", 1), ("dice", "Dice", 4))
+#: The cohort table's sortable number columns: (key, heading, digits shown).
+NUMBER_COLUMNS = (("area", "tissue mm²", 2), ("fraction", "tissue %", 1), ("pieces", "pieces", 0),
+                  ("seconds", "seconds", 1), ("dice", "Dice", 4))
+
+
+def _sortable(key: str, label: str, kind: str) -> str:
+    return f"<th data-key=\"{key}\" data-type=\"{kind}\" tabindex=\"0\">{html.escape(label)}</th>"
 
 
 def cohort_page(predictions: list[Prediction], source: str) -> str:
     """One row a slide: thumbnail, overlay, tissue area and fraction, pieces, seconds, Dice; sorted and filtered by cohort.js."""
-    headings = "".join(
-        f"<th data-key=\"{key}\" data-type=\"{'text' if digits is None else 'number'}\" tabindex=\"0\">"
-        f"{html.escape(label)}</th>"
-        for key, label, digits in COLUMNS[:1]
-    ) + "<th>thumbnail</th><th>overlay</th>" + "".join(
-        f"<th data-key=\"{key}\" data-type=\"number\" tabindex=\"0\">{html.escape(label)}</th>"
-        for key, label, _ in COLUMNS[1:]
-    )
+    headings = (_sortable("name", "slide", "text") + "<th>thumbnail</th><th>overlay</th>"
+                + "".join(_sortable(key, label, "number") for key, label, _ in NUMBER_COLUMNS))
     rows = []
     for p in predictions:
         s = p.summary
         fraction = s.get("tissue_fraction")
-        values = {
-            "area": _number(s.get("tissue_area_mm2"), 2),
-            "fraction": _number(100 * fraction if isinstance(fraction, (int, float)) else None, 1),
-            "pieces": _number(s.get("pieces"), 0),
-            "seconds": _number(s.get("seconds"), 1),
-            "dice": _number(p.dice, 4),
-        }
+        raw = {"area": s.get("tissue_area_mm2"), "fraction": 100 * fraction if isinstance(fraction, (int, float)) else None,
+               "pieces": s.get("pieces"), "seconds": s.get("seconds"), "dice": p.dice}
+        values = {key: _number(raw[key], digits) for key, _, digits in NUMBER_COLUMNS}
         link = f"/slide/{p.id}"
         thumb = (f"<a href=\"{link}\"><img class=\"thumb\" loading=\"lazy\" alt=\"thumbnail of {html.escape(p.name)}\" "
                  f"src=\"/thumb/{p.id}.jpeg\"></a>") if p.slide else "<span class=\"missing\">no slide</span>"
         overlay = (f"<a href=\"{link}\"><img class=\"overlay\" loading=\"lazy\" alt=\"overlay of {html.escape(p.name)}\" "
                    f"src=\"/files/{p.id}/overlay.png\"></a>") if "overlay.png" in p.files else "<span class=\"missing\">–</span>"
         cells = "".join(f"<td class=\"num\" data-key=\"{key}\" data-value=\"{values[key][1]}\">{values[key][0]}</td>"
-                        for key, _, _ in COLUMNS[1:])
+                        for key, _, _ in NUMBER_COLUMNS)
         rows.append(
             f"<tr data-id=\"{p.id}\"><td data-key=\"name\" data-value=\"{html.escape(p.name)}\">"
             f"<a href=\"{link}\">{html.escape(p.name)}</a>"

@@ -8,7 +8,6 @@
   const filter = document.getElementById("filter");
   const shown = document.getElementById("shown");
   const rows = Array.from(body.rows);
-  const keys = Array.from(table.tHead.rows[0].cells).map(function (th) { return th.dataset.key; }).filter(Boolean);
   let sortKey = null, descending = false;
 
   function value(row, key) {
@@ -81,5 +80,4 @@
     if (th) { sortBy(th.dataset.key, th.dataset.type); if (sort[0] === "-") { sortBy(th.dataset.key, th.dataset.type); } }
   }
   applyFilter();
-  document.body.dataset.columns = keys.join(" ");
 })();
