@@ -285,6 +285,24 @@ def test_served_tiles_stay_within_the_cache(served):
     assert cache.hits == before + 1
 
 
+def test_tiles_asked_for_at_once_are_the_tiles_asked_for_one_by_one(cohort):
+    """A browser asks for many tiles over several connections: threads share the slide, the masks and the caches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [f"/dz/{i}/{layer}_files/{level}/{col}_{row}.{ext}" for i in (0, 1)
+             for layer, ext, level in (("slide", "jpeg", 11), ("slide", "jpeg", 10), ("mask", "png", 9))
+             for col in range(3) for row in range(2)
+             if layer == "slide" or col < 2]
+    paths += ["/thumb/0.jpeg", "/thumb/1.jpeg", "/dz/0/mask_binary_files/8/0_0.png", "/dz/0/reference_files/11/4_2.png"]
+    with open_viewer(str(cohort / "cohort"), None, cache_mb=1) as server:
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda path: get(server, path), paths * 2))
+    with open_viewer(str(cohort / "cohort"), None, cache_mb=1) as server:
+        alone = [get(server, path) for path in paths]
+    assert all(status == 200 for status, _, _ in together + alone)
+    assert [body for _, _, body in together] == [body for _, _, body in alone] * 2
+
+
 def test_hosts_other_than_this_machine_are_told_apart():
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("127.0.0.2")
     assert not is_loopback("192.168.1.20") and not is_loopback("::") and not is_loopback("example.org")
