@@ -339,6 +339,8 @@ def test_the_command_starts_in_about_a_second_without_tensorflow_and_prints_the_
     finally:
         process.terminate()
         process.wait(timeout=30)
+    # SIGTERM stops it as Ctrl-C does: cleanly, with status 0.
+    assert process.returncode == 0 and process.stdout.read().strip() == "stopped"
     code = ("import sys, gigaseg.cli.view, gigaseg.view.server, gigaseg.view.tiles, gigaseg.slides;"
             "print(sorted(m for m in ('tensorflow', 'keras', 'numba') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

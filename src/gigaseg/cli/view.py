@@ -7,6 +7,7 @@ starts in about a second.
 from __future__ import annotations
 
 import logging
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,12 +65,20 @@ def run(cfg: DictConfig) -> None:
         count = len(server.viewer.predictions)
         print(f"gigaseg-view: {count} slide{'s' if count != 1 else ''} from {server.viewer.source} at {server.url} "
               "(Ctrl-C stops it)", flush=True)
+        # SIGTERM (kill, a service manager, the end of `mlflow run`) stops it as Ctrl-C does, so
+        # the downloaded artifacts of run_id= are removed too.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             server.wait()
         except KeyboardInterrupt:
             print("stopped", flush=True)
         finally:
+            signal.signal(signal.SIGTERM, previous)
             server.close()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="view")
