@@ -6,11 +6,10 @@ starts in about a second.
 
 from __future__ import annotations
 
-import logging
 import signal
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig
@@ -19,11 +18,12 @@ from gigaseg.cli.common import CONFIG_PATH, run_hydra, start, to_plain, user_err
 from gigaseg.cli.schema import ViewAppSchema
 from gigaseg.errors import ConfigError
 
-log = logging.getLogger("gigaseg.view")
+if TYPE_CHECKING:
+    from gigaseg.view import ViewerServer
 
 
 def open_viewer(directory: str | None, run_id: str | None, *, host: str = "127.0.0.1", port: int = 0,
-                cache_mb: int = 128, tracking_uri: str | None = None, scratch: Path | None = None):
+                cache_mb: int = 128, tracking_uri: str | None = None, scratch: Path | None = None) -> "ViewerServer":
     """A running ``ViewerServer`` of the predictions in ``directory``, or of MLflow predict run ``run_id``.
 
     ``scratch``: where a run's artifacts are downloaded (``run_id`` only).
