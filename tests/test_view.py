@@ -303,6 +303,30 @@ def test_tiles_asked_for_at_once_are_the_tiles_asked_for_one_by_one(cohort):
     assert [body for _, _, body in together] == [body for _, _, body in alone] * 2
 
 
+def test_slides_and_masks_dropped_from_the_open_ones_are_closed(cohort):
+    import gc
+
+    from gigaseg.view import find_predictions
+    from gigaseg.view.tiles import TileService
+
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    predictions = find_predictions(cohort / "cohort")
+    tiles = TileService(predictions, cache_bytes=2**20, open_sources=1)
+    before = open_files()
+    for _ in range(3):
+        for prediction in predictions:
+            for layer in ("slide", "mask", "reference"):
+                if layer in tiles.layers(prediction.id):
+                    tiles.tile(prediction.id, layer, 9, 0, 0)
+    gc.collect()
+    assert open_files() <= before + 2  # one open slide (its file and OpenSlide's) at most
+    tiles.close()
+    gc.collect()
+    assert open_files() <= before
+
+
 def test_hosts_other_than_this_machine_are_told_apart():
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("127.0.0.2")
     assert not is_loopback("192.168.1.20") and not is_loopback("::") and not is_loopback("example.org")

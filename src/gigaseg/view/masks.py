@@ -9,7 +9,7 @@ read with positioned reads (``os.pread``), so server threads share one file desc
 from __future__ import annotations
 
 import os
-import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -80,13 +80,11 @@ class TiffPyramid:
         status = os.stat(self.path)
         self._key = (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
         self._fd = os.open(self.path, os.O_RDONLY)
-        self._lock = threading.Lock()
+        # Closed by close(), or once nothing refers to the pyramid (dropped from the viewer's open files).
+        self._closer = weakref.finalize(self, os.close, self._fd)
 
     def close(self) -> None:
-        with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+        self._closer()
 
     def downsample(self, index: int) -> float:
         return self.width / self.pages[index].width

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -128,7 +129,7 @@ class _OpenSources:
                 with self._lock:
                     self._open[key] = source
                     while len(self._open) > self.limit:
-                        # Not closed: a thread may still be reading it; it closes once unreferenced.
+                        # Not closed here: a thread may still be reading it; it closes once unreferenced.
                         self._open.popitem(last=False)
             return source
 
@@ -143,12 +144,12 @@ class TileService:
     """The Deep Zoom layers of a cohort's predictions, their tiles encoded and cached."""
 
     def __init__(self, predictions: list[Prediction], *, cache_bytes: int = CACHE_BYTES,
-                 tile_size: int = TILE_SIZE, overlap: int = OVERLAP) -> None:
+                 tile_size: int = TILE_SIZE, overlap: int = OVERLAP, open_sources: int = OPEN_SOURCES) -> None:
         self.predictions = {p.id: p for p in predictions}
         self.cache = ByteCache(cache_bytes)
         self.decoded = TileCache(min(DECODED_CACHE_BYTES, max(1, cache_bytes // 2)))
         self.tile_size, self.overlap = tile_size, overlap
-        self._sources = _OpenSources(OPEN_SOURCES)
+        self._sources = _OpenSources(open_sources)
 
     def close(self) -> None:
         for source in self._sources.clear():
@@ -269,14 +270,18 @@ class TileService:
 
 
 class _SlideSource:
-    """An open slide and its Deep Zoom tiles, closed together."""
+    """An open slide and its Deep Zoom tiles; the slide is closed by ``close()``, or once nothing refers to its tiles.
+
+    Readers hold the Deep Zoom object while they read, so a slide dropped from the open files
+    is closed only after the last read of it (closing it at once would fail reads in flight).
+    """
 
     def __init__(self, slide, tile_size: int, overlap: int) -> None:
-        self.slide = slide
         self.deep_zoom = slide.deep_zoom(tile_size, overlap)
+        self._closer = weakref.finalize(self.deep_zoom, slide.close)
 
     def close(self) -> None:
-        self.slide.close()
+        self._closer()
 
 
 def _probability_cut(prediction: Prediction) -> int:
