@@ -76,6 +76,35 @@ def test_run_from_the_composed_config(tmp_path, masks, monkeypatch):
     assert not (tmp_path / "mlflow.db").exists()  # log_mlflow=false: no store touched
 
 
+def test_beside_prediction_writes_into_the_predictions_folder_with_absolute_paths(tmp_path, masks, monkeypatch):
+    """What gigaseg-view reads: evaluation.json beside summary.json, naming both masks by absolute path."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from gigaseg.cli.evaluate import run
+    from gigaseg.errors import ConfigError
+
+    pred, ref_path, _, _ = masks
+    monkeypatch.chdir(tmp_path)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="gigaseg.conf", version_base="1.3"):
+            cfg = compose("evaluate", overrides=[f"prediction={pred.parent.name}", f"reference={ref_path.name}",
+                                                 "beside_prediction=true", "log_mlflow=false"])
+            both = compose("evaluate", overrides=[f"prediction={pred}", f"reference={ref_path}", "log_mlflow=false",
+                                                  "beside_prediction=true", f"output_dir={tmp_path}/eval"])
+    finally:
+        GlobalHydra.instance().clear()
+    report = run(cfg)
+    written = json.loads((pred.parent / "evaluation.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    assert written["paths"] == {"prediction": str(pred.resolve()), "reference": str(ref_path.resolve())}
+    assert (pred.parent / "pieces.csv").is_file()
+    assert not [p.name for p in pred.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+    with pytest.raises(ConfigError, match="not both"):
+        run(both)
+
+
 @pytest.mark.slow
 def test_evaluate_writes_files_and_logs_to_mlflow(workspace, masks):
     from mlflow.tracking import MlflowClient

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import tomllib
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -46,7 +48,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.slow
-def test_wheel_in_a_fresh_venv_trains_predicts_and_evaluates_from_an_empty_folder(tmp_path):
+def test_wheel_in_a_fresh_venv_trains_predicts_evaluates_and_views_from_an_empty_folder(tmp_path):
     """Build the wheel, install it with its dependencies (from pip's cache) in a new venv, and use it nowhere near the checkout."""
     wheels, venv, work = tmp_path / "wheels", tmp_path / "venv", tmp_path / "empty"
     work.mkdir()
@@ -88,6 +90,31 @@ def test_wheel_in_a_fresh_venv_trains_predicts_and_evaluates_from_an_empty_folde
     scored = run("gigaseg-evaluate", f"prediction={work / 'pred'}", f"reference={data / 'slides' / 's4_mask.tiff'}",
                  f"output_dir={work / 'eval'}")
     assert "dice" in scored.stdout and (work / "eval" / "evaluation.json").is_file()
+
+    # The viewer serves the prediction from the installed package's pages, scripts and OpenSeadragon.
+    viewer = subprocess.Popen([str(venv / "bin" / "gigaseg-view"), f"dir={work / 'pred'}"], cwd=work, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = viewer.stdout.readline()
+        assert "gigaseg-view: 1 slide from" in line, line + viewer.stderr.read()
+        url = line.split(" at ")[1].split()[0]
+
+        def fetch(path: str) -> bytes:
+            with urllib.request.urlopen(url + path, timeout=60) as response:
+                assert response.status == 200, path
+                return response.read()
+
+        assert b'href="/slide/0"' in fetch("")
+        assert fetch("static/openseadragon/openseadragon.min.js").startswith(b"//! openseadragon")
+        assert fetch("static/openseadragon/images/zoomin_rest.png").startswith(b"\x89PNG")
+        layers = json.loads(fetch("api/slide/0.json"))["layers"]
+        assert {"slide", "mask"} <= set(layers)
+        assert fetch("dz/0/slide_files/0/0_0.jpeg").startswith(b"\xff\xd8")
+        assert fetch("dz/0/mask_files/0/0_0.png").startswith(b"\x89PNG")
+    finally:
+        viewer.terminate()
+        viewer.wait(timeout=60)
+    assert not list(work.glob("outputs/*/*/view.log")), "the viewer writes no run folder"
 
     assert _snapshot(site) == before, "nothing is written into the installed package"
     assert any((tmp_path / "cache" / "gigaseg" / "numba").rglob("*.nbi")), "compiled kernels go to the user cache"

@@ -81,14 +81,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if plain.get("log_mlflow", True):
         check_tracking_store(plain["mlflow"]["tracking_uri"])  # an unreachable store fails now, not after the work
     prediction, reference = prediction_file(Path(plain["prediction"])), Path(plain["reference"])
-    output_dir = Path(plain.get("output_dir") or HydraConfig.get().runtime.output_dir)
+    if plain.get("beside_prediction"):
+        if plain.get("output_dir"):
+            raise ConfigError("give output_dir=... or beside_prediction=true, not both: beside_prediction writes "
+                              "into the prediction's folder")
+        output_dir = prediction.parent
+    else:
+        output_dir = Path(plain.get("output_dir") or HydraConfig.get().runtime.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     evaluation, inputs = evaluate_files(
         prediction, reference, reference_type=plain.get("reference_type", "auto"), threshold=threshold,
         classes=classes, max_piece_pixels=int(plain.get("max_piece_pixels", 2**24)), progress=True,
     )
-    report = {"inputs": inputs, **evaluation.to_dict()}
+    # Absolute paths too, so that a reader of the file elsewhere (gigaseg-view) finds both masks.
+    paths = {"prediction": str(prediction.resolve()), "reference": str(reference.resolve())}
+    report = {"inputs": inputs, "paths": paths, **evaluation.to_dict()}
     json_path, csv_path = output_dir / "evaluation.json", output_dir / "pieces.csv"
     with atomic_path(json_path) as tmp:
         tmp.write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 APPS = {"prepare": "gigaseg.cli.prepare", "train": "gigaseg.cli.train", "predict": "gigaseg.cli.predict",
-        "evaluate": "gigaseg.cli.evaluate", "export": "gigaseg.cli.export"}
+        "evaluate": "gigaseg.cli.evaluate", "export": "gigaseg.cli.export", "view": "gigaseg.cli.view"}
 PIPELINES = {"main": ("prepare", "train"), **{name: (name,) for name in APPS}}
 
 

@@ -26,6 +26,7 @@ TRAIN_SCHEMA = "train_schema"
 PREDICT_SCHEMA = "predict_schema"
 EVALUATE_SCHEMA = "evaluate_schema"
 EXPORT_SCHEMA = "export_schema"
+VIEW_SCHEMA = "view_schema"
 
 
 def mirror(cls: type, name: str, *, drop: tuple[str, ...] = (), replace: dict[str, tuple[Any, Any]] | None = None) -> type:
@@ -225,6 +226,8 @@ class EvaluateAppSchema(CommonSchema):
     classes: Optional[list[str]] = None
     #: Where evaluation.json and pieces.csv go; None: the Hydra run folder.
     output_dir: Optional[str] = None
+    #: Write them into the prediction's own folder instead, beside its summary.json, where gigaseg-view finds them.
+    beside_prediction: bool = False
     #: Pieces are found on blocks of pixels so that at most this many blocks are labelled.
     max_piece_pixels: int = 2**24
     log_mlflow: bool = True
@@ -240,6 +243,22 @@ class ExportAppSchema(CommonSchema):
     out: str = MISSING
 
 
+@dataclass
+class ViewAppSchema(CommonSchema):
+    """gigaseg-view."""
+
+    #: A folder gigaseg-predict wrote, or a folder of them (a multirun); or give run_id instead.
+    dir: Optional[str] = None
+    #: An MLflow gigaseg-predict run: its summary, outlines, overlay (and mask, logged with log_mask=true).
+    run_id: Optional[str] = None
+    #: The interface to serve on: 127.0.0.1 keeps the viewer on this machine (any other is warned about).
+    host: str = "127.0.0.1"
+    #: 0 picks a free port; the URL is printed.
+    port: int = 0
+    #: Encoded tiles kept in memory, in MiB.
+    cache_mb: int = 128
+
+
 def register() -> None:
     """Store the schemas under the names the primary configs' defaults lists use."""
     store = ConfigStore.instance()
@@ -247,6 +266,7 @@ def register() -> None:
     store.store(name=PREDICT_SCHEMA, node=PredictAppSchema)
     store.store(name=EVALUATE_SCHEMA, node=EvaluateAppSchema)
     store.store(name=EXPORT_SCHEMA, node=ExportAppSchema)
+    store.store(name=VIEW_SCHEMA, node=ViewAppSchema)
 
 
 register()

@@ -10,11 +10,14 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from gigaseg.errors import RegionError
+
+if TYPE_CHECKING:
+    from gigaseg.slides.deepzoom import DeepZoomSource
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,16 @@ class SlideReader(abc.ABC):
 
     def close(self) -> None:
         """Release the slide's resources. Reading after close is an error."""
+
+    def deep_zoom(self, tile_size: int = 254, overlap: int = 1) -> "DeepZoomSource":
+        """Deep Zoom tiles of the whole of level 0 (``gigaseg.slides.deepzoom``), for viewers such as OpenSeadragon.
+
+        This reads each tile with ``read_region`` from the nearest finer level; readers with a
+        faster way (OpenSlide's own Deep Zoom generator) override it.
+        """
+        from gigaseg.slides.deepzoom import RegionDeepZoom
+
+        return RegionDeepZoom(self, tile_size, overlap)
 
     @property
     def level_count(self) -> int:
