@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,28 @@ def write_mask(path: str | os.PathLike, tiles: Iterator[np.ndarray], shape: tupl
                      photometric="minisblack", metadata=None, software=False)
 
 
+def assemble(
+    out: np.ndarray, top: int, left: int, tile_shape: tuple[int, int], tile: Callable[[int, int], np.ndarray]
+) -> np.ndarray:
+    """Fill ``out``, the rectangle of a tiled image whose corner is (``top``, ``left``), from the tiles it touches.
+
+    ``tile(row, col)`` gives the image's tile in that row and column of tiles, ``tile_shape``
+    (height, width) large; ``out`` must lie within the image.
+    """
+    tile_h, tile_w = tile_shape
+    bottom, right = top + out.shape[0], left + out.shape[1]
+    if out.size == 0:
+        return out
+    for row in range(top // tile_h, (bottom - 1) // tile_h + 1):
+        y0 = row * tile_h
+        r0, r1 = max(top, y0), min(bottom, y0 + tile_h)
+        for col in range(left // tile_w, (right - 1) // tile_w + 1):
+            x0 = col * tile_w
+            c0, c1 = max(left, x0), min(right, x0 + tile_w)
+            out[r0 - top : r1 - top, c0 - left : c1 - left] = tile(row, col)[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0]
+    return out
+
+
 class TiledMask(LazyArray):
     """The H x W uint8 mask of a file written by :func:`write_mask`; tiles decoded on demand, a few kept."""
 
@@ -100,17 +122,7 @@ class TiledMask(LazyArray):
 
     def _read(self, top: int, left: int, bottom: int, right: int) -> np.ndarray:
         out = np.empty((bottom - top, right - left), np.uint8)
-        if out.size == 0:
-            return out
-        for ty in range(top // self.tile_h, (bottom - 1) // self.tile_h + 1):
-            y0 = ty * self.tile_h
-            r0, r1 = max(top, y0), min(bottom, y0 + self.tile_h)
-            for tx in range(left // self.tile_w, (right - 1) // self.tile_w + 1):
-                x0 = tx * self.tile_w
-                c0, c1 = max(left, x0), min(right, x0 + self.tile_w)
-                out[r0 - top : r1 - top, c0 - left : c1 - left] = self._tile(ty * self._cols + tx)[
-                    r0 - y0 : r1 - y0, c0 - x0 : c1 - x0]
-        return out
+        return assemble(out, top, left, (self.tile_h, self.tile_w), lambda row, col: self._tile(row * self._cols + col))
 
     def _tile(self, index: int) -> np.ndarray:
         tile = self.cache.get((self._key, index))

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from gigaseg.data.maskfile import TileCache
+from gigaseg.data.maskfile import TileCache, assemble
 from gigaseg.errors import MaskError
 from gigaseg.slides.deepzoom import OVERLAP, TILE_SIZE, DeepZoomGrid
 
@@ -123,18 +123,8 @@ class TiffPyramid:
         x0, y0 = max(0, box[0]), max(0, box[1])
         x1, y1 = min(page.width, box[2]), min(page.height, box[3])
         out = np.zeros((max(0, y1 - y0), max(0, x1 - x0)), page.dtype)
-        if out.size == 0:
-            return out
         across = -(-page.width // page.tile_w)
-        for ty in range(y0 // page.tile_h, (y1 - 1) // page.tile_h + 1):
-            top = ty * page.tile_h
-            r0, r1 = max(y0, top), min(y1, top + page.tile_h)
-            for tx in range(x0 // page.tile_w, (x1 - 1) // page.tile_w + 1):
-                left = tx * page.tile_w
-                c0, c1 = max(x0, left), min(x1, left + page.tile_w)
-                tile = self._tile(index, ty * across + tx)
-                out[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0] = tile[r0 - top : r1 - top, c0 - left : c1 - left]
-        return out
+        return assemble(out, y0, x0, (page.tile_h, page.tile_w), lambda row, col: self._tile(index, row * across + col))
 
 
 def coverage(values: np.ndarray, cut: int | None) -> np.ndarray:
