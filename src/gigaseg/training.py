@@ -22,8 +22,8 @@ from gigaseg import sysinfo
 from gigaseg.checkpoint import LAST, load_checkpoint, restore, save_checkpoint
 from gigaseg.errors import ConfigError, GigasegError, MemoryPlanError
 from gigaseg.evaluation import count_cores
-from gigaseg.plots import ProbabilityPreview
 from gigaseg.options import TrainConfig
+from gigaseg.plots import ProbabilityPreview
 
 log = logging.getLogger(__name__)
 
