@@ -25,9 +25,9 @@ from conftest import ROOT
 from PIL import Image
 
 from gigaseg.cli.view import open_viewer
+from gigaseg.data.maskfile import TileCache
 from gigaseg.errors import ConfigError
 from gigaseg.view.server import CONTENT_SECURITY_POLICY, is_loopback
-from gigaseg.view.tiles import ByteCache
 
 
 def _command(*args: str, **kwargs) -> subprocess.Popen:
@@ -263,7 +263,7 @@ def test_every_response_keeps_the_page_from_loading_anything_from_elsewhere(serv
 
 
 def test_the_tile_cache_is_bounded_and_drops_the_least_recently_used():
-    cache = ByteCache(limit=100)
+    cache = TileCache(limit=100, sizeof=len, admit_oversized=False)
     for k in range(5):
         cache.put((k,), bytes(30))
         if k >= 1:

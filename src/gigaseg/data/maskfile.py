@@ -10,6 +10,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -26,36 +27,52 @@ CACHE_BYTES = 16 * 2**20
 
 
 class TileCache:
-    """Decoded tiles of any number of masks, least recently used dropped first beyond ``limit`` bytes.
+    """Tiles under keys, least recently used dropped first beyond ``limit`` bytes in all.
 
     One cache for all of a cohort's masks, so memory does not grow with the number of regions.
+    ``sizeof`` gives a value's bytes (decoded arrays by default; ``len`` for encoded bytes).
+    A value larger than ``limit`` is kept alone until the next one, or with
+    ``admit_oversized=False`` not kept at all.
     """
 
-    def __init__(self, limit: int = CACHE_BYTES) -> None:
+    def __init__(self, limit: int = CACHE_BYTES, *, sizeof: Callable[[Any], int] = lambda tile: tile.nbytes,
+                 admit_oversized: bool = True) -> None:
         self.limit = int(limit)
-        self._tiles: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.sizeof = sizeof
+        self.admit_oversized = admit_oversized
+        self._tiles: OrderedDict[tuple, Any] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes held."""
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._tiles)
 
-    def get(self, key: tuple) -> np.ndarray | None:
+    def get(self, key: tuple) -> Any | None:
         with self._lock:
             tile = self._tiles.get(key)
-            if tile is not None:
-                self._tiles.move_to_end(key)
+            if tile is None:
+                self.misses += 1
+                return None
+            self._tiles.move_to_end(key)
+            self.hits += 1
             return tile
 
-    def put(self, key: tuple, tile: np.ndarray) -> None:
+    def put(self, key: tuple, tile: Any) -> None:
         with self._lock:
-            if key in self._tiles:
+            size = self.sizeof(tile)
+            if key in self._tiles or (size > self.limit and not self.admit_oversized):
                 return
             self._tiles[key] = tile
-            self._bytes += tile.nbytes
+            self._bytes += size
             while self._bytes > self.limit and len(self._tiles) > 1:
                 _, old = self._tiles.popitem(last=False)
-                self._bytes -= old.nbytes
+                self._bytes -= self.sizeof(old)
 
 
 #: The cache every mask shares unless given its own.

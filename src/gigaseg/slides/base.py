@@ -75,8 +75,9 @@ class SlideReader(abc.ABC):
     def deep_zoom(self, tile_size: int = 254, overlap: int = 1) -> "DeepZoomSource":
         """Deep Zoom tiles of the whole of level 0 (``gigaseg.slides.deepzoom``), for viewers such as OpenSeadragon.
 
-        This reads each tile with ``read_region`` from the nearest finer level; readers with a
-        faster way (OpenSlide's own Deep Zoom generator) override it.
+        Each tile is read with ``read_region`` from the nearest finer level, the coarsest levels
+        from an overview read once. OpenSlide's own Deep Zoom generator was slower
+        (benchmarks/README.md), so no reader overrides this.
         """
         from gigaseg.slides.deepzoom import RegionDeepZoom
 

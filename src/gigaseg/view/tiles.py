@@ -40,45 +40,6 @@ class NoSuchTile(GigasegError):
     """A layer or tile that this prediction does not have (a 404, not an error of the server)."""
 
 
-class ByteCache:
-    """Least recently used entries dropped first beyond ``limit`` bytes in all."""
-
-    def __init__(self, limit: int = CACHE_BYTES) -> None:
-        self.limit = int(limit)
-        self._entries: OrderedDict[tuple, bytes] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    @property
-    def size(self) -> int:
-        """Bytes held."""
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: tuple) -> bytes | None:
-        with self._lock:
-            value = self._entries.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return value
-
-    def put(self, key: tuple, value: bytes) -> None:
-        with self._lock:
-            if key in self._entries or len(value) > self.limit:
-                return
-            self._entries[key] = value
-            self._bytes += len(value)
-            while self._bytes > self.limit:
-                _, old = self._entries.popitem(last=False)
-                self._bytes -= len(old)
-
-
 def encode(pixels: np.ndarray, image_format: str) -> bytes:
     """A tile as JPEG (RGB) or PNG (RGBA) bytes."""
     out = io.BytesIO()
@@ -146,7 +107,8 @@ class TileService:
     def __init__(self, predictions: list[Prediction], *, cache_bytes: int = CACHE_BYTES,
                  tile_size: int = TILE_SIZE, overlap: int = OVERLAP, open_sources: int = OPEN_SOURCES) -> None:
         self.predictions = {p.id: p for p in predictions}
-        self.cache = ByteCache(cache_bytes)
+        # Encoded tiles, sized by their bytes; a tile larger than the whole cache is not kept.
+        self.cache = TileCache(cache_bytes, sizeof=len, admit_oversized=False)
         self.decoded = TileCache(min(DECODED_CACHE_BYTES, max(1, cache_bytes // 2)))
         self.tile_size, self.overlap = tile_size, overlap
         self._sources = _OpenSources(open_sources)
