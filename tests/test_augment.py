@@ -104,7 +104,7 @@ def engines(model):
     from gigaseg.streaming import TiledEngine
     from gigaseg.streaming.reference import float64_copy
 
-    return TiledEngine(model, loss="dice_bce", tile_size=128), TiledEngine(float64_copy(model), loss="dice_bce", tile_size=128, fast=False)
+    return TiledEngine(model, loss="dice_bce", tile_size=128), TiledEngine(float64_copy(model), loss="dice_bce", tile_size=128, evaluator="keras")
 
 
 def whole_transformed(image, mask, augmentation):
@@ -157,7 +157,7 @@ def test_tiled_step_on_views_of_a_memory_map_with_uneven_tiles(model, tmp_path, 
     whole_image, whole_mask = whole_transformed(image, mask, augmentation)
     loss64, grads64 = plain_loss_and_gradients(model, whole_image, whole_mask, loss="dice", dtype="float64")
     # Tiles that divide neither side of the region.
-    result = TiledEngine(float64_copy(model), loss="dice", tile_size=(192, 320), fast=False).step(*region)
+    result = TiledEngine(float64_copy(model), loss="dice", tile_size=(192, 320), evaluator="keras").step(*region)
     assert result.tiles == (8 if turns % 2 else 9)
     assert abs(result.loss - loss64) <= 1e-12 * abs(loss64)
     for tiled, plain in zip(result.gradients, grads64):

@@ -67,8 +67,8 @@ def test_square_region_and_memory_maps(model, tmp_path):
 def test_keras_fallback_path_is_exact_too(model):
     image, mask = tissue_region(256, 512, seed=1)
     reference_loss, reference = plain_loss_and_gradients(model, image, mask, loss="dice_bce", dtype="float64")
-    engine = TiledEngine(model, loss="dice_bce", tile_size=192, fast=False)
-    assert engine.fast is None
+    engine = TiledEngine(model, loss="dice_bce", tile_size=192, evaluator="keras")
+    assert engine.evaluator.name == "keras"
     result = engine.step(image, mask)
     assert_exact(result.loss, result.gradients, reference_loss, reference)
 
@@ -161,7 +161,7 @@ def test_a_float64_copy_of_the_model_steps_tiled_to_float64_precision(model):
 
     image, mask = tissue_region(256, 512, seed=11)
     loss, grads = plain_loss_and_gradients(model, image, mask, loss="dice_bce", dtype="float64")
-    result = TiledEngine(float64_copy(model), loss="dice_bce", tile_size=128, fast=False).step(image, mask)
+    result = TiledEngine(float64_copy(model), loss="dice_bce", tile_size=128, evaluator="keras").step(image, mask)
     assert abs(result.loss - loss) <= 1e-12 * abs(loss)
     for tiled, plain in zip(result.gradients, grads):
         assert tiled.dtype == np.float64

@@ -24,9 +24,8 @@ def region():
 def test_fused_step_matches_the_tensorflow_tail(model, region, loss):
     image, mask = region
     fused = TiledEngine(model, loss=loss, tile_size=128)
-    assert fused.tail is not None and fused.tail.first is not None  # pass 1 runs the first convolution fused
-    plain = TiledEngine(model, loss=loss, tile_size=128, fused=False)
-    assert plain.tail is None
+    assert fused.evaluator.name == "fused" and fused.evaluator.tail.first is not None  # pass 1 runs the first convolution fused
+    plain = TiledEngine(model, loss=loss, tile_size=128, evaluator="lowered")
     a, b = fused.step(image, mask), plain.step(image, mask)
     assert a.loss == pytest.approx(b.loss, rel=1e-6)
     assert a.dice == b.dice
@@ -39,7 +38,7 @@ def test_fused_step_matches_the_tensorflow_tail(model, region, loss):
 def test_fused_probabilities_match_the_tensorflow_tail(model, region):
     image, _ = region
     fused = TiledEngine(model, tile_size=128).predict(image)
-    plain = TiledEngine(model, tile_size=128, fused=False).predict(image)
+    plain = TiledEngine(model, tile_size=128, evaluator="lowered").predict(image)
     np.testing.assert_allclose(fused, plain, rtol=0, atol=1e-6)
 
 
@@ -70,7 +69,8 @@ def test_a_model_with_another_tail_uses_tensorflow_and_stays_exact(region):
     image, mask = region
     model = build_unet(activation="elu")  # the fused kernels know ReLU only
     engine = TiledEngine(model, loss="dice", tile_size=128)
-    assert engine.fast is not None and engine.tail is None
+    assert engine.evaluator.name == "lowered"
+    assert "ReLU" in dict(engine.choice.skipped)["fused"]
     whole = TiledEngine(model, loss="dice", tile_size=(384, 512)).step(image, mask)
     tiled = engine.step(image, mask)
     assert tiled.loss == pytest.approx(whole.loss, rel=1e-6)
@@ -98,10 +98,10 @@ def test_first_convolution_matches_tensorflow(factor, kernel):
 def test_forward_passes_run_the_first_convolution_fused_and_match_tensorflow(model):
     image = np.random.default_rng(3).integers(0, 256, (384, 256, 3), dtype=np.uint8)
     fused = TiledEngine(model, tile_size=128)
-    assert fused.tail.first is model.get_layer("down1")
+    assert fused.evaluator.tail.first is model.get_layer("down1")
     unfused = TiledEngine(model, tile_size=128)
-    unfused.tail.first = unfused.tail.first_kernels = None  # TensorFlow's first convolution, the fused tail
-    plain = TiledEngine(model, tile_size=128, fused=False)
+    unfused.evaluator.tail.first = unfused.evaluator.tail.first_kernels = None  # TensorFlow's first convolution, the fused tail
+    plain = TiledEngine(model, tile_size=128, evaluator="lowered")
     a, b, c = fused.predict(image), unfused.predict(image), plain.predict(image)
     np.testing.assert_allclose(a, c, rtol=0, atol=1e-6)
     np.testing.assert_allclose(b, c, rtol=0, atol=1e-6)

@@ -341,11 +341,13 @@ def share(tiles: Sequence, parts: int) -> list[list]:
 class DistributedEngine:
     """A :class:`TiledEngine` step whose tiles are spread over every replica of the run.
 
-    Same interface as the tiled engine (``step``, ``passes``, ``plan``): each replica runs the
-    passes on its share of the tile plan; partial sums are added up by the strategy.
+    Same interface as the tiled engine (``step``, ``passes``, ``plan``, ``memory_plan``,
+    ``tile_size``, ``choice``): each replica runs the passes on its share of the tile plan with
+    its own :class:`~gigaseg.streaming.engine.TiledEngine` (same options, same evaluator
+    table); partial sums are added up by the strategy.
     """
 
-    def __init__(self, model, replicas: Replicas, *, loss: str, tile_size, halo: int | None = None):
+    def __init__(self, model, replicas: Replicas, **options):
         import tensorflow as tf
 
         from gigaseg.streaming.engine import TiledEngine
@@ -354,9 +356,25 @@ class DistributedEngine:
         self.engines: list = []
         for device in replicas.devices:
             with tf.device(device):
-                self.engines.append(TiledEngine(model, loss=loss, tile_size=tile_size, halo=halo))
+                self.engines.append(TiledEngine(model, **options))
         self.model = model
         self.passes = self.engines[0].passes
+
+    @property
+    def choice(self):
+        return self.engines[0].choice
+
+    @property
+    def tile_size(self):
+        return self.engines[0].tile_size
+
+    @tile_size.setter
+    def tile_size(self, value) -> None:
+        for engine in self.engines:
+            engine.tile_size = None if value is None else tuple(int(v) for v in value)
+
+    def memory_plan(self, region_shape):
+        return self.engines[0].memory_plan(region_shape)
 
     def plan(self, region_shape):
         return self.engines[0].plan(region_shape)
@@ -388,6 +406,8 @@ class DistributedEngine:
         everyone = share(plan.tiles, self.replicas.num_replicas)
         mine = everyone[self.replicas.first_replica:self.replicas.first_replica + len(self.engines)]
         counter = TileCounter(progress, self.passes * sum(len(tiles) for tiles in mine))
+        for replica in self.engines:
+            replica.check_gradients()  # before the reader: a failed check may change the windows' layout
         reader = engine.window_reader(image, mask)
         start = time.perf_counter()
         first = None

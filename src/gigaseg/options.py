@@ -19,6 +19,8 @@ DEFAULT_PAD_VALUE = (242, 242, 242)
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "cosine")
 TILING = ("auto", "always", "never")
+#: auto, then the rows of gigaseg.streaming.evaluators.TABLE, fastest first.
+EVALUATORS = ("auto", "fused", "lowered", "keras")
 
 
 @dataclass
@@ -108,6 +110,9 @@ class TrainConfig:
     tiled: str = "auto"
     #: None: chosen from the memory budget.
     tile_size: int | None = None
+    #: How tiles are computed: auto (the fastest that supports the model, docs/STREAMING.md) or
+    #: one of fused, lowered, keras (the reference).
+    evaluator: str = "auto"
     #: None: memory_fraction of the memory available at start.
     memory_budget_mb: float | None = None
     memory_fraction: float = 0.6
@@ -154,6 +159,8 @@ class TrainConfig:
             raise ConfigError(f"train.tiled '{self.tiled}' is unknown; choose one of {', '.join(TILING)}")
         if self.tile_size is not None and self.tile_size <= 0:
             raise ConfigError(f"train.tile_size must be positive, got {self.tile_size}")
+        if self.evaluator not in EVALUATORS:
+            raise ConfigError(f"train.evaluator '{self.evaluator}' is unknown; choose one of {', '.join(EVALUATORS)}")
         if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
             raise ConfigError(f"train.memory_budget_mb must be positive, got {self.memory_budget_mb}")
         if not 0.0 < self.memory_fraction <= 1.0:
@@ -187,6 +194,9 @@ class PredictOptions:
     readers: int = 1
     #: Tiles computed at once, in threads (each adds one tile's memory); 3 kept two cores busiest.
     workers: int = 3
+    #: How tiles are computed: auto, fused, lowered or keras (docs/STREAMING.md, "Evaluators").
+    evaluator: str = "auto"
+    #: XLA-compile the tile graphs (with evaluator auto, the fused kernels are then passed over).
     jit_compile: bool = False
     #: Deflate level of the mask tiles (1: fastest).
     compression_level: int = 1

@@ -68,6 +68,9 @@ class TrainResult:
     val_probability: ProbabilityPreview | None = None
     tiled: bool = False
     tile_size: tuple[int, int] | None = None
+    #: How tiles were computed (gigaseg.streaming.evaluators; "plain" for the whole-region step) and why.
+    evaluator: str = "plain"
+    evaluator_reason: str = ""
     model: Any = None
     best_step: int | None = None
     best_checkpoint: Path | None = None
@@ -119,7 +122,8 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def _budget_bytes(config: TrainConfig) -> int:
+def memory_budget(config: TrainConfig) -> int:
+    """The bytes a training step may use: ``train.memory_budget_mb``, else ``train.memory_fraction`` of what is available now."""
     from gigaseg.streaming import available_memory_bytes
 
     if config.memory_budget_mb is not None:
@@ -154,9 +158,9 @@ def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig, rep
     :class:`gigaseg.distributed.Replicas`), the tiles are spread over them; every replica uses
     the chief's tile size.
     """
-    from gigaseg.streaming import TiledEngine, check_plain_step_fits, plan_tile_size
+    from gigaseg.streaming import TiledEngine, check_plain_step_fits
 
-    budget = _budget_bytes(config)
+    budget = memory_budget(config)
     if replicas is not None:
         if config.tiled == "never":
             raise ConfigError("train.tiled=never (one plain whole-region step) cannot be spread over replicas; "
@@ -168,23 +172,29 @@ def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig, rep
         except MemoryPlanError as exc:
             raise MemoryPlanError(f"{exc} (train.tiled=auto does this when needed)") from exc
         return PlainEngine(model, loss=config.loss), None
-    plan = plan_tile_size(model, region_shape, budget_bytes=budget, tile_size=config.tile_size)
+    options = dict(loss=config.loss, tile_size=config.tile_size, budget_bytes=budget, evaluator=config.evaluator)
+    if replicas is not None:
+        from gigaseg.distributed import DistributedEngine
+
+        engine = DistributedEngine(model, replicas, **options)
+    else:
+        engine = TiledEngine(model, **options)
+    plan = engine.memory_plan(region_shape)
     if replicas is not None:
         # Hosts may differ in free memory: every replica must cut the region the same way.
         chief = tuple(int(v) for v in replicas.broadcast([np.array(plan.tile_size)], "tile size")[0])
         if chief != tuple(plan.tile_size):
-            plan = plan_tile_size(model, region_shape, budget_bytes=budget, tile_size=chief)
+            engine.tile_size = chief
+            plan = engine.memory_plan(region_shape)
+        log.info("tiles spread over %s", replicas.describe())
+    # Every region of the run is cut with the tiles planned for the largest.
+    engine.tile_size = plan.tile_size
     log.info(
         "tiled training: tiles of %s with halo %d, planned for regions up to %dx%d pixels, estimated peak %.0f MB "
         "(budget %.0f MB)", plan.tile_size, plan.halo, region_shape[0], region_shape[1],
         plan.estimated_peak_bytes / 2**20, plan.budget_bytes / 2**20,
     )
-    if replicas is not None:
-        from gigaseg.distributed import DistributedEngine
-
-        log.info("tiles spread over %s", replicas.describe())
-        return DistributedEngine(model, replicas, loss=config.loss, tile_size=plan.tile_size, halo=plan.halo), plan
-    return TiledEngine(model, loss=config.loss, tile_size=plan.tile_size, halo=plan.halo), plan
+    return engine, plan
 
 
 BEST = "best.npz"
@@ -288,9 +298,10 @@ def train(
     if val_regions:
         from gigaseg.streaming import TiledEngine
 
-        # One engine for every validation, so its compiled forward pass is reused.
-        val_tile = tile_size or _val_tile_size(model, max((r.image.shape[:2] for r in val_regions), key=lambda s: s[0] * s[1]), config)
-        val_engine = TiledEngine(model, loss=config.loss, tile_size=val_tile)
+        # One engine for every validation, so its compiled forward pass is reused; with the
+        # training engine's tiles when it has any, else planned for each validation region.
+        val_engine = TiledEngine(model, loss=config.loss, tile_size=tile_size or config.tile_size,
+                                 budget_bytes=memory_budget(config), evaluator=config.evaluator)
 
     history: list[dict[str, Any]] = []
     start = 0
@@ -415,6 +426,8 @@ def train(
         val_probability=val_probability,
         tiled=plan is not None,
         tile_size=tile_size,
+        evaluator=engine.choice.evaluator.name if plan is not None else "plain",
+        evaluator_reason=engine.choice.describe() if plan is not None else "train.tiled=never",
         model=model,
         best_step=best["step"],
         best_checkpoint=best["path"],
@@ -444,11 +457,3 @@ def _bar_progress(bar):
         bar.update(done - bar.n)
 
     return progress
-
-
-def _val_tile_size(model, shape: tuple[int, int], config: TrainConfig):
-    """Forward-only tiles for validation: the largest that the memory budget allows."""
-    from gigaseg.streaming import plan_tile_size
-
-    plan = plan_tile_size(model, tuple(shape), budget_bytes=_budget_bytes(config), tile_size=config.tile_size)
-    return plan.tile_size

@@ -89,8 +89,8 @@ def score(config: dict[str, Any], checkpoint: Path) -> dict[str, float]:
     from gigaseg.checkpoint import load_checkpoint, restore_weights
     from gigaseg.cli.train import cohort_regions, model_kwargs, train_config
     from gigaseg.model import build_unet
-    from gigaseg.streaming import TiledEngine, available_memory_bytes, plan_tile_size
-    from gigaseg.training import validate_regions
+    from gigaseg.streaming import TiledEngine
+    from gigaseg.training import memory_budget, validate_regions
 
     train = train_config(config["train"])
     _, regions, _ = cohort_regions(Path(config["data"]["prepared_dir"]))
@@ -99,12 +99,9 @@ def score(config: dict[str, Any], checkpoint: Path) -> dict[str, float]:
     state = load_checkpoint(checkpoint)
     model = build_unet(**model_kwargs(config["model"]))
     restore_weights(state, model)
-    budget = (train.memory_budget_mb * 2**20 if train.memory_budget_mb
-              else available_memory_bytes() * train.memory_fraction)
-    largest = max((r.image.shape[:2] for r in regions), key=lambda shape: shape[0] * shape[1])
-    plan = plan_tile_size(model, largest, budget_bytes=int(budget), tile_size=train.tile_size)
-    metrics, _ = validate_regions(TiledEngine(model, loss=train.loss, tile_size=plan.tile_size), regions,
-                                  threshold=train.threshold)
+    engine = TiledEngine(model, loss=train.loss, tile_size=train.tile_size, budget_bytes=memory_budget(train),
+                         evaluator=train.evaluator)
+    metrics, _ = validate_regions(engine, regions, threshold=train.threshold)
     return {**metrics, "step": state.step}
 
 

@@ -69,6 +69,7 @@ def predict_options(plain: dict[str, Any], threshold: float):
             simplify_um=None if plain["simplify_um"] is None else float(plain["simplify_um"]),
             readers=int(plain["readers"]),
             workers=int(plain["workers"]),
+            evaluator=str(plain["evaluator"]),
             jit_compile=bool(plain["jit_compile"]),
             compression_level=int(plain["compression_level"]), thumbnail_size=int(plain["thumbnail_size"]),
             progress=bool(plain["progress"]),
@@ -140,7 +141,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics = {k: summary[k] for k in ("seconds", "mpx", "mpx_per_s", "tissue_fraction", "tissue_area_mm2", "pieces",
                                            "outline_vertices_traced", "outline_vertices")}
         tracked.log_metrics(metrics, step=0)
-        tracked.set_tags({"gigaseg.level": str(summary["level"])})
+        tracked.set_tags({"gigaseg.level": str(summary["level"]), "gigaseg.evaluator": summary["evaluator"]})
         for name in ("summary.json", "outlines.geojson", "overlay.png") + (("mask.tiff",) if plain.get("log_mask") else ()):
             tracked.log_artifact(output_dir / name)
         tracked.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")

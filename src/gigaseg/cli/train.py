@@ -263,6 +263,7 @@ def run(cfg: DictConfig) -> float | None:
                 replicas=replicas,
             )
             tracked.set_tags({"gigaseg.tiled": str(result.tiled), "gigaseg.tile_size": str(result.tile_size),
+                              "gigaseg.evaluator": result.evaluator, "gigaseg.evaluator_reason": result.evaluator_reason,
                               "gigaseg.replicas": replicas.describe() if replicas is not None else "1",
                               "gigaseg.last_checkpoint": str(result.checkpoint),
                               **({"gigaseg.best_checkpoint": str(result.best_checkpoint),

@@ -54,7 +54,7 @@ class ModelTissueEstimate:
             from gigaseg.streaming import TiledEngine
 
             self._engine = TiledEngine(self.loaded.model, tile_size=self.tile_size,
-                                       fused_threads=max(1, (os.cpu_count() or 1) // PredictOptions.workers))
+                                       threads=max(1, (os.cpu_count() or 1) // PredictOptions.workers))
         return self._engine
 
     def __call__(self, reader: SlideReader) -> tuple[np.ndarray, float]:

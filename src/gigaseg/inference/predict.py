@@ -196,8 +196,8 @@ def predict_slide(
     with _collections_paused():  # tracing sets off a full collection (0.5 s) otherwise
         # The workers already keep the cores busy with whole tiles: splitting each tile's
         # compiled loops over every core as well only adds hand-offs.
-        engine = TiledEngine(model, tile_size=options.tile_size, jit_compile=options.jit_compile,
-                             fused_threads=max(1, (os.cpu_count() or 1) // options.workers))
+        engine = TiledEngine(model, tile_size=options.tile_size, jit_compile=options.jit_compile, evaluator=options.evaluator,
+                             threads=max(1, (os.cpu_count() or 1) // options.workers))
     options.validate(engine.total_stride, engine.halo)
     output_dir = Path(output_dir)
     with write_errors(output_dir):
@@ -267,6 +267,7 @@ def predict_slide(
         "kind": options.kind,
         "threshold": options.threshold,
         "tile_size": options.tile_size,
+        "evaluator": engine.choice.evaluator.name,
         "tiff_tile_size": options.tiff_tile_size,
         "tissue_pixels": tissue,
         "tissue_fraction": tissue / (width * height),

@@ -14,28 +14,31 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from gigaseg.errors import MaskError
-from gigaseg.losses import (
-    HARD_THRESHOLD,
-    bce_pixels,
-    check_loss_name,
-    dice_pixel_weights,
-    hard_dice,
-    labelled_pixels,
-    loss_from_sums,
+from gigaseg.losses import check_loss_name, dice_pixel_weights, hard_dice, loss_from_sums
+from gigaseg.streaming.evaluators import (
+    AUTO,
+    BCE,
+    SUM_INDEX,
+    SUMS,
+    Choice,
+    EvaluatorError,
+    KerasEvaluator,
+    SurrogateWeights,
+    choose,
+    gradient_mismatch,
 )
-from gigaseg.streaming.fastpath import SpaceToDepthUNet, from_blocks, to_blocks
 from gigaseg.streaming.geometry import model_geometry
 from gigaseg.streaming.labels import count_labelled
+from gigaseg.streaming.memory import MemoryPlan, plan_tile_size
 from gigaseg.streaming.plan import Tile, TilePlan, as_tile_shape, check_region_shape, plan_tiles
 from gigaseg.streaming.reader import Prefetcher, WindowReader, ordered_map, release_rows
-from gigaseg.streaming.tail import Tail
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +105,18 @@ class TiledEngine:
     """Computes a region's loss and gradients tile by tile, exactly as one whole-region step would.
 
     ``tile_size`` is an int (square) or (height, width), a multiple of the model's total
-    stride; ``None`` picks the largest tile that fits half the available memory for each
-    region (see :func:`gigaseg.streaming.memory.plan_tile_size`). ``halo`` defaults to the
-    one derived from the model's layers. The caller applies the gradients (one optimizer
-    step per region).
+    stride; ``None`` picks, for each region, the largest tile whose estimated peak fits
+    ``budget_bytes`` (default: half the memory available then; see
+    :func:`gigaseg.streaming.memory.plan_tile_size`). ``halo`` defaults to the one derived
+    from the model's layers. The caller applies the gradients (one optimizer step per region).
 
-    Three evaluations give the same numbers (to float32 rounding): with ``fused`` (the default,
-    for models whose last layers it recognises) the full-resolution tail runs in compiled
-    loops (:mod:`gigaseg.streaming.tail`), in forward passes the first convolution too, and
-    TensorFlow the rest in space-to-depth layout; with ``fast`` alone TensorFlow runs all of
-    it in that layout (:mod:`gigaseg.streaming.fastpath`); with neither, the Keras model
-    itself. The compiled loops split each tile's rows over ``fused_threads`` threads
-    (default: one per CPU).
+    Each tile is computed by an evaluator (:mod:`gigaseg.streaming.evaluators`): ``auto``
+    takes the fastest row of the capability table that supports the model, the loss, the
+    device (``devices``, TensorFlow's by default) and ``jit_compile``; a name forces that row.
+    The choice and its reason are in :attr:`choice` (and logged). Before the first training
+    pass the chosen evaluator's gradients are checked against the Keras reference on one small
+    window (:meth:`check_gradients`). ``threads`` is how many threads the fused kernels split
+    a tile's rows over (default: one per CPU).
     """
 
     def __init__(
@@ -123,11 +126,12 @@ class TiledEngine:
         loss: str = "dice",
         tile_size: int | tuple[int, int] | None = None,
         halo: int | None = None,
+        budget_bytes: int | None = None,
         prefetch: bool = True,
         jit_compile: bool = False,
-        fast: bool = True,
-        fused: bool = True,
-        fused_threads: int | None = None,
+        evaluator: str = AUTO,
+        threads: int | None = None,
+        devices: Sequence[str] | None = None,
     ):
         self.model = model
         self.loss = check_loss_name(loss)
@@ -135,119 +139,85 @@ class TiledEngine:
         self.total_stride = self.geometry.total_stride
         self.halo = self.geometry.halo if halo is None else int(halo)
         self.tile_size = None if tile_size is None else as_tile_shape(tile_size)
+        self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
         self.prefetch = prefetch
-        # The space-to-depth evaluation is the same arithmetic, about twice as fast on CPU.
-        self.fast = SpaceToDepthUNet.build(model) if fast else None
-        # The full-resolution tail in compiled loops over the core (gigaseg.streaming.tail):
-        # the same arithmetic, without TensorFlow's whole-window intermediates.
-        self.tail = Tail.find(self.fast, fused_threads) if fused and self.fast is not None else None
+        self.jit_compile = bool(jit_compile)
+        self._options = dict(evaluator=evaluator, devices=devices, jit_compile=self.jit_compile, threads=threads)
+        self._gradients_checked = False
+        self._use(choose(model, loss=self.loss, **self._options))
+
+    def _use(self, choice: Choice) -> None:
+        """Compute tiles with ``choice.evaluator`` from now on: trace its graphs (lazily, at their first call)."""
+        self.choice = choice
+        self.evaluator = choice.evaluator
+        log.info("tile evaluator: %s", choice.describe())
         window, core_mask = _WINDOW, _CORE_MASK
-        if self.fast is not None:
-            # Windows and mask cores arrive in space-to-depth layout (see window_reader).
-            f = self.fast.factor
+        f = self.evaluator.factor
+        if f is not None:  # windows and mask cores arrive in space-to-depth layout (see window_reader)
             window = tf.TensorSpec((None, None, f * f * 3), tf.uint8)
             core_mask = tf.TensorSpec((None, None, f * f), tf.uint8)
         # The tile graphs have no control flow on tensors, so AutoGraph (rewriting their Python
-        # source before tracing) is off: it took about 3 of the 4.5 s before the first tile.
-        graph = dict(reduce_retracing=True, jit_compile=jit_compile, autograph=False)
-        self._sums_fn = tf.function(self._tile_sums, input_signature=[window, core_mask, _OFFSET], **graph)
-        self._grad_fn = tf.function(
-            self._tile_gradients, input_signature=[window, core_mask, _OFFSET, _SCALAR, _SCALAR, _SCALAR], **graph
-        )
-        self._predict_fn = tf.function(self._tile_probabilities, input_signature=[window, _OFFSET, _OFFSET], **graph)
+        # source before tracing) is off: it took most of the time before the first tile.
+        graph = dict(reduce_retracing=True, jit_compile=self.jit_compile, autograph=False)
+        ev = self.evaluator
+        self._sums_fn = tf.function(ev.sums, input_signature=[window, core_mask, _OFFSET], **graph)
+        self._grad_fn = tf.function(ev.gradients, input_signature=[window, core_mask, _OFFSET, _SCALAR, _SCALAR, _SCALAR], **graph)
+        self._predict_fn = tf.function(ev.probabilities, input_signature=[window, _OFFSET, _OFFSET], **graph)
 
     @property
     def blocks(self) -> int | None:
-        """The space-to-depth factor windows are read in (the fast path), or None for plain windows."""
-        return None if self.fast is None else self.fast.factor
+        """The space-to-depth factor windows are read in, or None for plain windows."""
+        return self.evaluator.factor
 
     def window_reader(self, image: np.ndarray, mask: np.ndarray | None = None) -> WindowReader:
         """A reader that hands out windows (and mask cores) in the layout this engine's graphs take."""
         return WindowReader(image, mask, blocks=self.blocks)
 
+    def to_layout(self, window: np.ndarray) -> np.ndarray:
+        """A window read as plain ``(h, w, 3)`` pixels, in the layout :meth:`core_probabilities` takes."""
+        return self.evaluator.to_layout(window)
+
+    def core_probabilities(self, window: np.ndarray, tile: Tile) -> np.ndarray:
+        """Float32 ``(h, w)`` probabilities of ``tile``'s core, from its window in this engine's layout (:meth:`to_layout`)."""
+        offset, shape = tf.constant(tile.core_offset, tf.int32), tf.constant(tile.core_shape, tf.int32)
+        return self.evaluator.from_layout(self._predict_fn(window, offset, shape).numpy())
+
+    # ----- the start-up self-check of training engines ----------------------------------------
+
+    def check_gradients(self) -> None:
+        """Once, before the first training pass: the evaluator's pass-2 gradients against the Keras reference's.
+
+        Forward passes were checked when the evaluator was built. On a mismatch the next row of
+        the capability table takes over (logged as a warning); a forced evaluator raises
+        :class:`EvaluatorError` instead.
+        """
+        while not self._gradients_checked:
+            problem = gradient_mismatch(self, KerasEvaluator(self.model, self.loss))
+            if problem is None:
+                self._gradients_checked = True
+                return
+            name = self.evaluator.name
+            if self._options["evaluator"] != AUTO:
+                raise EvaluatorError(f"the {name} evaluator failed its gradient self-check ({problem})")
+            log.warning("the %s evaluator failed its gradient self-check (%s); using the next one", name, problem)
+            choice = choose(self.model, loss=self.loss, after=name, **self._options)
+            choice.skipped.insert(0, (name, f"failed the gradient self-check: {problem}"))
+            self._use(choice)
+
     # ----- per-tile graphs -------------------------------------------------------------------
 
-    def _core_probabilities(self, window, offset, shape, training: bool):
-        """Probabilities of the tile core (``shape`` pixels at ``offset`` in the window): (h, w), or (h/f, w/f, f*f) blocks on the fast path."""
-        if self.fast is not None:
-            f = self.fast.factor
-            if self.tail is not None:
-                return self.tail.probabilities(window, (offset // f, shape // f))
-            return self.fast(window, (offset // f, shape // f))
-        p = self.model(window[tf.newaxis], training=training)[0, :, :, 0]
-        return tf.slice(p, offset, shape)
+    def tile_sums(self, pixels, labels, tile: Tile) -> np.ndarray:
+        """Pass 1 of one tile: the six float64 :data:`~gigaseg.streaming.evaluators.SUMS` of its core.
 
-    def _core_shape(self, core_mask):
-        """The core's size in pixels, from its mask (which is in blocks on the fast path)."""
-        if self.fast is not None:
-            return tf.shape(core_mask)[:2] * self.fast.factor
-        return tf.shape(core_mask)
-
-    def _sums(self, p, y):
-        """Float64 sums of one core over its labelled pixels: A, B, C, BCE sum, hard intersection, hard predicted."""
-        labelled, yf = labelled_pixels(y, p.dtype)
-        predicted = tf.cast(p >= HARD_THRESHOLD, p.dtype)
-        terms = [p * yf, p * labelled, yf]
-        if self.loss != "dice":
-            terms.append(bce_pixels(p, yf) * labelled)
-        terms += [predicted * yf, predicted * labelled]
-        # Sum the last axis (the f*f pixels of a block on the fast path) in the model's precision,
-        # then the rest in float64: exact for the counts, far below the float32 error of p itself.
-        partial = [tf.reduce_sum(tf.cast(tf.reduce_sum(t, -1), tf.float64)) for t in terms]
-        if self.loss == "dice":
-            partial.insert(3, tf.zeros((), tf.float64))
-        return tf.stack(partial)
-
-    def _core_blocks(self, core_mask, offset):
-        """The core as (offset, size) in blocks, for the fused tail."""
-        f = self.fast.factor
-        return offset // f, tf.shape(core_mask)[:2]
-
-    def _tile_sums(self, window, core_mask, offset):
-        if self.tail is not None:
-            return self.tail.sums(window, core_mask, self._core_blocks(core_mask, offset), with_bce=self.loss != "dice")
-        p = self._core_probabilities(window, offset, self._core_shape(core_mask), training=False)
-        return self._sums(p, core_mask)
-
-    def _tile_gradients(self, window, core_mask, offset, weight_background, weight_tissue, bce_scale):
-        labels = core_mask
-        if self.tail is not None:
-            weights = [tf.cast(w, tf.float32) for w in (weight_background, weight_tissue, bce_scale)]
-            core = self._core_blocks(core_mask, offset)
-            grads, sums = self.tail.gradients(window, labels, core, weights, self.model.trainable_variables)
-            return grads, self._pass2_sums(sums)
-        with tf.GradientTape() as tape:
-            p = self._core_probabilities(window, offset, self._core_shape(core_mask), training=True)
-            labelled, yf = labelled_pixels(labels, p.dtype)
-            surrogate = tf.zeros((), p.dtype)
-            if self.loss != "bce":
-                # dL/dp per pixel from the region sums: one value for background, one for tissue,
-                # 0 for ignored pixels (in the model's precision: float32, or float64 for a
-                # reference copy of it). Constants here, so this is the surrogate.
-                weights = tf.where(yf > 0, tf.cast(weight_tissue, p.dtype), tf.cast(weight_background, p.dtype))
-                surrogate += tf.reduce_sum(weights * labelled * p)
-            if self.loss != "dice":
-                bce = tf.reduce_sum(bce_pixels(p, yf) * labelled, -1)
-                surrogate += tf.cast(bce_scale, p.dtype) * tf.reduce_sum(bce)
-        grads = tape.gradient(surrogate, self.model.trainable_variables)
-        if self.loss == "bce":  # the only pass: every sum comes from here
-            return grads, self._sums(tf.stop_gradient(p), labels)
-        bce_sum = tf.reduce_sum(tf.cast(bce, tf.float64)) if self.loss == "dice_bce" else tf.zeros((), tf.float64)
-        return grads, self._pass2_sums(tf.stack([bce_sum] * 6))
-
-    def _pass2_sums(self, sums):
-        """What pass 2 reports of a tile's six sums: all of them for BCE (its only pass), else only the BCE sum.
-
-        Pass 1 gave A, B, C and the hard counts of the Dice losses; only dice_bce's BCE sum is new.
+        ``pixels`` and ``labels`` are its window and mask core in this engine's layout (:meth:`window_reader`).
         """
-        if self.loss == "bce":
-            return sums
-        keep = tf.constant([0, 0, 0, 1 if self.loss == "dice_bce" else 0, 0, 0], tf.float64)
-        return sums * keep
+        return self._sums_fn(pixels, labels, tf.constant(tile.core_offset, tf.int32)).numpy()
 
-    def _tile_probabilities(self, window, offset, shape):
-        # In blocks on the fast path: predict_tiles turns them back into pixels (cheaper in numpy).
-        return self._core_probabilities(window, offset, shape, training=False)
+    def tile_gradients(self, pixels, labels, tile: Tile, weights: SurrogateWeights) -> tuple[list[tf.Tensor], np.ndarray]:
+        """Pass 2 of one tile: the surrogate's gradients for ``model.trainable_variables`` and the sums pass 2 adds."""
+        args = [tf.constant(w, tf.float64) for w in weights]
+        grads, sums = self._grad_fn(pixels, labels, tf.constant(tile.core_offset, tf.int32), *args)
+        return grads, sums.numpy()
 
     @property
     def passes(self) -> int:
@@ -256,13 +226,17 @@ class TiledEngine:
 
     # ----- region-level ------------------------------------------------------------------------
 
+    def memory_plan(self, region_shape: tuple[int, int]) -> MemoryPlan:
+        """The tile size for a region of ``region_shape`` pixels, chosen (or, when given, checked) against the budget.
+
+        The estimate is the chosen evaluator's memory model; MemoryPlanError when nothing fits.
+        """
+        return plan_tile_size(self.model, region_shape, budget_bytes=self.budget_bytes, tile_size=self.tile_size,
+                              halo=self.halo, tape_factor=self.evaluator.tape_factor)
+
     def plan(self, region_shape: tuple[int, int]) -> TilePlan:
         """The tile plan this engine uses for a region of ``region_shape`` pixels."""
-        tile_size = self.tile_size
-        if tile_size is None:
-            from gigaseg.streaming.memory import plan_tile_size  # memory imports this module's neighbours
-
-            tile_size = plan_tile_size(self.model, region_shape, halo=self.halo).tile_size
+        tile_size = self.tile_size if self.tile_size is not None else self.memory_plan(region_shape).tile_size
         return plan_tiles(region_shape, tile_size, self.halo, self.total_stride)
 
     def step(self, image: np.ndarray, mask: np.ndarray, *, progress: Progress | None = None) -> StepResult:
@@ -275,6 +249,7 @@ class TiledEngine:
         """
         region_shape = check_region(image, mask, self.total_stride)
         labelled = count_labelled(mask)
+        self.check_gradients()  # before the reader: a failed check may change the windows' layout
         plan = self.plan(region_shape)
         counter = TileCounter(progress, self.passes * len(plan))
         start = time.perf_counter()
@@ -291,43 +266,47 @@ class TiledEngine:
     def pass_sums(self, reader: WindowReader, tiles, progress: Callable[[], None] | None = None) -> "PassSums":
         """Pass 1 (Dice losses): float64 sums A, B, C, BCE, hard intersection and predicted over ``tiles``."""
         fetch = Prefetcher(lambda tile: reader.read(tile.window, tile.core), enabled=self.prefetch)
-        sums = np.zeros(6, np.float64)
+        self._check_layout(reader)
+        sums = np.zeros(len(SUMS), np.float64)
         for tile, (pixels, labels) in fetch(tiles):
-            sums += self._sums_fn(pixels, labels, tf.constant(tile.core_offset, tf.int32)).numpy()
+            sums += self.tile_sums(pixels, labels, tile)
             if progress is not None:
                 progress()
         return PassSums(sums, fetch.wait_s)
 
-    def surrogate_weights(self, first: "PassSums | None", labelled: int) -> tuple[float, float, float]:
-        """(dL/dp for background pixels, for tissue pixels, BCE scale) from the region's pass-1 sums and labelled pixels.
+    def _check_layout(self, reader: WindowReader) -> None:
+        self.check_gradients()
+        if reader.blocks != self.blocks:
+            raise RuntimeError("the window reader was made for another evaluator's layout; call check_gradients() "
+                               "before window_reader()")
 
-        ``labelled`` is ``n``, the region's pixels labelled 0 or 1 (:func:`~gigaseg.streaming.labels.count_labelled`).
-        """
+    def surrogate_weights(self, first: "PassSums | None", labelled: int) -> SurrogateWeights:
+        """Pass 2's constants from the region's pass-1 sums and ``labelled``, its pixels labelled 0 or 1 (``n``)."""
         n = float(labelled)
-        weight_background = weight_tissue = 0.0
+        background = tissue = 0.0
         if first is not None:
-            a, b, c = first.sums[0], first.sums[1], first.sums[2]
-            weight_background, weight_tissue = dice_pixel_weights(a, b, c)
+            a, b, c = (first.sums[SUM_INDEX[name]] for name in ("A", "B", "C"))
+            background, tissue = dice_pixel_weights(a, b, c)
         bce_scale = 0.0 if self.loss == "dice" else 1.0 / n
-        return float(weight_background), float(weight_tissue), bce_scale
+        return SurrogateWeights(float(background), float(tissue), bce_scale)
 
     def pass_gradients(
-        self, reader: WindowReader, tiles, weights: tuple[float, float, float], progress: Callable[[], None] | None = None
+        self, reader: WindowReader, tiles, weights: SurrogateWeights, progress: Callable[[], None] | None = None
     ) -> tuple[list[np.ndarray], np.ndarray, float]:
         """Pass 2: float64 gradient sums of the surrogate over ``tiles``, their sums, and the read wait.
 
         The sums are all six for BCE (its only pass); for the Dice losses only the BCE sum is
         filled in (the others came from pass 1).
         """
+        self._check_layout(reader)
         fetch = Prefetcher(lambda tile: reader.read(tile.window, tile.core), enabled=self.prefetch)
         gradients = [np.zeros(v.shape, np.float64) for v in self.model.trainable_variables]
-        sums = np.zeros(6, np.float64)
-        args = tuple(tf.constant(w, tf.float64) for w in weights)
+        sums = np.zeros(len(SUMS), np.float64)
         for tile, (pixels, labels) in fetch(tiles):
-            grads, tile_sums = self._grad_fn(pixels, labels, tf.constant(tile.core_offset, tf.int32), *args)
+            grads, tile_sums = self.tile_gradients(pixels, labels, tile, weights)
             for total_grad, grad in zip(gradients, grads):
                 total_grad += grad.numpy()
-            sums += tile_sums.numpy()
+            sums += tile_sums
             if progress is not None:
                 progress()
         return gradients, sums, fetch.wait_s
@@ -349,8 +328,8 @@ class TiledEngine:
         else:
             # The BCE sum is only computed in pass 2 for dice_bce; A, B, C come from pass 1.
             sums = first.sums.copy()
-            sums[3] = second[3]
-        a, b, c, bce_sum, inter, predicted = (float(v) for v in sums)
+            sums[BCE] = second[BCE]
+        a, b, c, bce_sum, inter, predicted = (float(sums[SUM_INDEX[name]]) for name in SUMS)
         loss = float(loss_from_sums(self.loss, a, b, c, bce_sum, n))
         variables = self.model.trainable_variables
         return StepResult(
@@ -429,15 +408,12 @@ def predict_tiles(
     Callers assemble cores into whatever they write, so a whole region never needs to be in
     memory.
     """
-    f = engine.blocks
-    # On the fast path the reader threads also rearrange each window into blocks.
-    read = load if f is None else lambda tile: to_blocks(load(tile), f)
-    fetch = Prefetcher(read, enabled=engine.prefetch, workers=readers)
+    # The reader threads also rearrange each window into the evaluator's layout.
+    fetch = Prefetcher(lambda tile: engine.to_layout(load(tile)), enabled=engine.prefetch, workers=readers)
 
     def forward(item: tuple[Tile, np.ndarray]) -> tuple[Tile, np.ndarray]:
         tile, pixels = item
-        core = engine._predict_fn(pixels, tf.constant(tile.core_offset, tf.int32), tf.constant(tile.core_shape, tf.int32))
-        return tile, core.numpy() if f is None else from_blocks(core.numpy(), f)
+        return tile, engine.core_probabilities(pixels, tile)
 
     yield from ordered_map(forward, fetch(plan), workers)
 

@@ -37,14 +37,14 @@ class _Part:
     cropped: bool = False  # already cut to the tile core (see SpaceToDepthUNet.__call__)
 
 
-class _Unsupported(Exception):
-    pass
+class Unsupported(Exception):
+    """A model (or one of its layers) this evaluation does not cover; the message says which and why."""
 
 
 def _square(value) -> int:
     a, b = (value, value) if isinstance(value, int) else value
     if a != b:
-        raise _Unsupported
+        raise Unsupported(f"a non-square kernel, stride or dilation {value}")
     return int(a)
 
 
@@ -213,17 +213,22 @@ class SpaceToDepthUNet:
     def build(cls, model: keras.Model) -> "SpaceToDepthUNet | None":
         """Return the fast evaluator for ``model``, or None if its layout is not one this module knows."""
         try:
-            factor = cls._first_stride(model)
-            if factor < 2:
-                return None
-            net = cls(model, factor, list(model.operations))
-            # Evaluate once on a tiny input to reject unsupported graphs now, not per tile.
-            net._check()
-        except _Unsupported:
+            return cls.lower(model)
+        except Unsupported:
             return None
+
+    @classmethod
+    def lower(cls, model: keras.Model) -> "SpaceToDepthUNet":
+        """The fast evaluator for ``model``; :class:`Unsupported`, saying why, if its layout is not one this module knows."""
+        factor = cls._first_stride(model)
+        if factor < 2:
+            raise Unsupported(f"the first convolution reading the image has stride {factor}: there are no blocks to lower to")
+        net = cls(model, factor, list(model.operations))
+        # Evaluate once on a tiny input to reject unsupported graphs now, not per tile.
+        net._check()
         try:
             net._check(core=True)
-        except _Unsupported:  # e.g. a 1x1 convolution before a strided one: evaluate whole windows
+        except Unsupported:  # e.g. a 1x1 convolution before a strided one: evaluate whole windows
             net.crops = False
         return net
 
@@ -240,7 +245,7 @@ class SpaceToDepthUNet:
                     return _square(op.strides)
                 for t in node.output_tensors:
                     full.add(id(t))
-        raise _Unsupported
+        raise Unsupported("no strided convolution reads the image")
 
     def _check(self, core: bool = False) -> None:
         f = self.factor
@@ -255,7 +260,7 @@ class SpaceToDepthUNet:
         else:
             fast = from_blocks(self(tf.constant(to_blocks(x, f))).numpy(), f)
         if fast.shape != tuple(ref.shape) or float(tf.reduce_max(tf.abs(fast - ref))) > 1e-5:
-            raise _Unsupported
+            raise Unsupported("its probabilities differ from the Keras model's on a test window")
 
     def __call__(self, blocks: tf.Tensor, core: tuple[tf.Tensor, tf.Tensor] | None = None) -> tf.Tensor:
         """Probabilities of ``blocks``; with ``core`` = (offset, size) in blocks, of that part of the window only.
@@ -268,7 +273,7 @@ class SpaceToDepthUNet:
         values = self._evaluate(blocks, early)
         result = values[id(self.model.outputs[0])]
         if not isinstance(result, list) or len(result) != 1 or result[0].channels != 1:
-            raise _Unsupported
+            raise Unsupported("the output is not one full-resolution channel")
         return (result[0].value if result[0].cropped else _crop(result[0].value, core))[0]
 
     def _evaluate(self, blocks: tf.Tensor, early, skip: frozenset = frozenset(), given: dict | None = None) -> dict:
@@ -299,7 +304,7 @@ class SpaceToDepthUNet:
                 elif isinstance(op, layers.Conv2D):
                     jump *= _square(op.strides)
                 elif not isinstance(op, (layers.Concatenate, layers.Add, layers.Activation, layers.ReLU)):
-                    raise _Unsupported
+                    raise Unsupported(f"layer {op.name} ({type(op).__name__}) is outside the space-to-depth lowering")
                 if jump == 1:
                     if not (
                         isinstance(op, layers.Conv2DTranspose)
@@ -307,7 +312,8 @@ class SpaceToDepthUNet:
                         and _square(op.kernel_size) == f
                         and _square(op.dilation_rate) == 1
                     ):
-                        raise _Unsupported
+                        raise Unsupported(f"layer {op.name} returns to full resolution other than by a transposed "
+                                          f"convolution with kernel = stride = {f}")
                     out = lower_transposed(op, _crop(args[0], early), f, cropped=early is not None)
                 elif _strided_same(op):
                     out = lower_strided(op, args[0])
@@ -330,18 +336,18 @@ class SpaceToDepthUNet:
             ]
         if isinstance(op, layers.Concatenate):
             if not all(isinstance(a, list) for a in args) or op.axis not in (-1, 3):
-                raise _Unsupported
+                raise Unsupported(f"layer {op.name} concatenates tensors of different resolutions or not along channels")
             return [p for parts in args for p in parts]
         if isinstance(op, (layers.Activation, layers.ReLU)):
             (parts,) = args
             return [_Part(op(p.value), p.channels, p.data, p.cropped) for p in parts]
         if isinstance(op, layers.Conv2DTranspose):
-            raise _Unsupported
+            raise Unsupported(f"layer {op.name} is a transposed convolution at full resolution")
         if isinstance(op, layers.Conv2D) and type(op) is layers.Conv2D:
             (parts,) = args
             k, s = _square(op.kernel_size), _square(op.strides)
             if _square(op.dilation_rate) != 1 or op.groups != 1:
-                raise _Unsupported
+                raise Unsupported(f"layer {op.name} is dilated or grouped")
             total, start = None, 0
             for p in parts:
                 w = op.kernel[:, :, start : start + p.channels, :]
@@ -350,18 +356,18 @@ class SpaceToDepthUNet:
                     value = p.value if p.cropped else _crop(p.value, core)
                     term = _pointwise(value, _block_diagonal(w[0, 0], f * f))
                 elif p.cropped:  # a wider kernel needs the halo the core has lost
-                    raise _Unsupported
+                    raise Unsupported(f"layer {op.name} needs the halo after the core was cut")
                 elif s == f and op.padding == "same":
                     kernel, before = _block_kernel(op, w, p.channels, f)
                     term = block_conv(p.value, kernel, before, data=p.data)
                 else:
-                    raise _Unsupported
+                    raise Unsupported(f"layer {op.name} is a full-resolution convolution other than 1x1 or strided 'same' by {f}")
                 total = term if total is None else total + term
             if op.use_bias:
                 total = total + (tf.tile(op.bias, [f * f]) if s == 1 else op.bias)
             total = op.activation(total)
             return [_Part(total, op.filters, False, core is not None)] if s == 1 else total
-        raise _Unsupported
+        raise Unsupported(f"layer {op.name} ({type(op).__name__}) at full resolution is outside the space-to-depth lowering")
 
 
 def _crop(value: tf.Tensor, core) -> tf.Tensor:

@@ -139,14 +139,27 @@ def _row_sums(p, labels, i, clip, with_bce, sums):  # pragma: no cover - compile
         sums[5] += predicted
 
 
+@numba.njit(nogil=True, cache=True)
+def _scratch(rows, cols, dtype):  # pragma: no cover - compiled
+    """An uninitialised (rows, cols) array of a 4-byte ``dtype`` starting on a 64-byte boundary.
+
+    The compiler's vectorised reductions over a row depend on where the row starts: buffers
+    placed by each thread's allocator made a pool thread's gradients differ from the calling
+    thread's in the last bit. Aligned buffers make them the same whatever thread runs a row.
+    """
+    raw = np.empty(rows * cols + 16, dtype)
+    start = (-(raw.ctypes.data // 4)) % 16
+    return raw[start:start + rows * cols].reshape((rows, cols))
+
+
 @numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
 def _row_buffers(value, wt, wa):  # pragma: no cover - compiled
     """Scratch space of one row for :func:`_forward_row`: ``v``, ``pre``, ``x``, ``p`` and ``e``."""
     cols = value.shape[1]
     channels, width = wt.shape
     sub = width // wa.shape[0]
-    return (np.empty((channels, cols), np.float32), np.empty((width, cols), np.float32),
-            np.empty((3 * sub, cols), np.float32), np.empty((sub, cols), np.float32), np.empty((sub, cols), np.int32))
+    return (_scratch(channels, cols, np.float32), _scratch(width, cols, np.float32),
+            _scratch(3 * sub, cols, np.float32), _scratch(sub, cols, np.float32), _scratch(sub, cols, np.int32))
 
 
 @numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
@@ -179,9 +192,9 @@ def _gradients(
     filters = wa.shape[0]
     sub = width // filters
     v, pre, x, p, e = _row_buffers(value, wt, wa)
-    gz = np.empty((sub, cols), np.float32)
-    gpre = np.empty(cols, np.float32)
-    gv = np.empty((channels, cols), np.float32)
+    gz = _scratch(sub, cols, np.float32)
+    gpre = _scratch(1, cols, np.float32)[0]
+    gv = _scratch(channels, cols, np.float32)
     for i in range(lo, hi):
         _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, p, e)
         _row_sums(p, labels, i, clip, with_bce, sums[i])

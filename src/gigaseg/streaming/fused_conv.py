@@ -23,7 +23,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from gigaseg.streaming.fused import _FAST, RowSplitter
+from gigaseg.streaming.fused import _FAST, RowSplitter, _scratch
 
 _F32 = np.float32
 _ZERO = np.float32(0.0)
@@ -41,7 +41,7 @@ def _forward(blocks, w, b, f, before, margin, scale, offset, lo, hi, out):  # pr
     # rescaled pixel (f*I + ry, f*J + rx, c) of block row I held in slot I % span; margins zero.
     ring = np.zeros((span, channels, cols + 2 * margin), np.float32)
     held = np.full(span, -(1 << 40), np.int64)
-    acc = np.empty((filters, cols), np.float32)
+    acc = _scratch(filters, cols, np.float32)
     for i in range(lo, hi):
         for block_row in range(i + first, i + last + 1):
             slot = block_row % span

@@ -31,7 +31,13 @@ from gigaseg.streaming.plan import as_tile_shape, check_region_shape, check_tile
 #   intercept, about 930 MiB, is the runtime, the traced graphs and the reading buffers.
 PLAIN_TAPE_FACTOR = 2.15
 PLAIN_OVERHEAD_BYTES = 600 * 2**20
-TILED_TAPE_FACTOR = 1.3
+#: What a window pixel costs the evaluators that keep few full-resolution tensors (``lowered``,
+#: ``fused``; :mod:`gigaseg.streaming.evaluators`), in units of the model's activation bytes.
+COMPACT_TAPE_FACTOR = 1.3
+#: The Keras reference evaluator keeps every full-resolution activation and its gradient, like
+#: the plain step: its factor, not the compact one.
+KERAS_TAPE_FACTOR = PLAIN_TAPE_FACTOR
+TILED_TAPE_FACTOR = COMPACT_TAPE_FACTOR
 TILED_OVERHEAD_BYTES = 930 * 2**20
 #: The largest tile the planner picks by itself. Larger tiles recompute less halo, but
 #: measured at 8192^2, 1024^2 tiles were faster per pixel than 2048^2 (cache locality).
@@ -82,18 +88,20 @@ def plain_step_bytes(model: keras.Model, height: int, width: int) -> int:
     return int(PLAIN_OVERHEAD_BYTES + pixels * per_pixel)
 
 
-def tiled_step_bytes(model: keras.Model, tile_size: int | tuple[int, int], halo: int | None = None) -> int:
+def tiled_step_bytes(
+    model: keras.Model, tile_size: int | tuple[int, int], halo: int | None = None, tape_factor: float = TILED_TAPE_FACTOR
+) -> int:
     """Estimated peak RSS of one tiled step with tiles of ``tile_size`` (plus the halo on each side).
 
     The region itself is read lazily and released (see reader.py), so it does not count;
-    two windows are held at once (the current one and the prefetched one). The factor is
-    calibrated on the space-to-depth path; the Keras fallback keeps about twice as much per pixel.
+    two windows are held at once (the current one and the prefetched one). ``tape_factor`` is
+    the evaluator's memory model (``Evaluator.tape_factor``); the default is the compact evaluators'.
     """
     th, tw = as_tile_shape(tile_size)
     if halo is None:
         halo = model_geometry(model).halo
     window = (th + 2 * halo) * (tw + 2 * halo)
-    per_pixel = TILED_TAPE_FACTOR * activation_bytes_per_pixel(model)
+    per_pixel = tape_factor * activation_bytes_per_pixel(model)
     io = 2 * window * 4  # uint8 RGB window + uint8 mask core, current and prefetched
     return int(TILED_OVERHEAD_BYTES + window * per_pixel + io)
 
@@ -113,13 +121,15 @@ def plan_tile_size(
     tile_size: int | tuple[int, int] | None = None,
     halo: int | None = None,
     max_tile: int = MAX_TILE,
+    tape_factor: float = TILED_TAPE_FACTOR,
 ) -> MemoryPlan:
     """Pick (or check) a tile size for a region so that a tiled step fits the memory budget.
 
     Without ``tile_size``, the largest square stride multiple up to ``max_tile`` that fits
     is taken, then shrunk per axis to split the region into equal tiles (same tile count,
     less ragged last tiles). With ``tile_size``, it is checked and MemoryPlanError raised,
-    naming a tile size that would fit, if it does not.
+    naming a tile size that would fit, if it does not. ``tape_factor`` is the evaluator's
+    memory model (see :func:`tiled_step_bytes`).
     """
     geometry = model_geometry(model)
     stride = geometry.total_stride
@@ -131,7 +141,7 @@ def plan_tile_size(
 
     def fitting(limit: int) -> int | None:
         for t in range(limit - limit % stride, 0, -stride):
-            if tiled_step_bytes(model, t, halo) <= budget:
+            if tiled_step_bytes(model, t, halo, tape_factor) <= budget:
                 return t
         return None
 
@@ -140,13 +150,13 @@ def plan_tile_size(
         th, tw = check_tile_shape(tile_size, stride)
         if (th < halo and th < height) or (tw < halo and tw < width):  # a tile as large as the region has no halo
             raise tile_below_halo(f"{th}x{tw}", halo, stride)
-        estimate = tiled_step_bytes(model, (th, tw), halo)
+        estimate = tiled_step_bytes(model, (th, tw), halo, tape_factor)
         if estimate > budget:
             fit = fitting(max(th, tw))
             hint = (
                 f"use tile_size={fit} or less"
                 if fit
-                else f"even a {stride}x{stride} tile needs {_gib(tiled_step_bytes(model, stride, halo))}; free memory or raise the budget"
+                else f"even a {stride}x{stride} tile needs {_gib(tiled_step_bytes(model, stride, halo, tape_factor))}; free memory or raise the budget"
             )
             raise MemoryPlanError(
                 f"a tiled step with {th}x{tw} tiles (halo {halo}) needs about {_gib(estimate)}, "
@@ -157,10 +167,10 @@ def plan_tile_size(
         if t is None:
             raise MemoryPlanError(
                 f"no tile fits the budget of {_gib(budget)}: even a {stride}x{stride} tile (halo {halo}) needs about "
-                f"{_gib(tiled_step_bytes(model, stride, halo))}; free memory or raise the budget"
+                f"{_gib(tiled_step_bytes(model, stride, halo, tape_factor))}; free memory or raise the budget"
             )
         th, tw = _balanced(height, t, stride), _balanced(width, t, stride)
-        estimate = tiled_step_bytes(model, (th, tw), halo)
+        estimate = tiled_step_bytes(model, (th, tw), halo, tape_factor)
     plan = plan_tiles((height, width), (th, tw), halo, stride)
     return MemoryPlan(
         tile_size=plan.tile_shape,

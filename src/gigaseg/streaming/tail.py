@@ -19,7 +19,7 @@ import tensorflow as tf
 from keras import layers
 
 from gigaseg.losses import BCE_CLIP
-from gigaseg.streaming.fastpath import SpaceToDepthUNet, _crop, _square, from_blocks, to_blocks, transposed_as_product
+from gigaseg.streaming.fastpath import SpaceToDepthUNet, Unsupported, _crop, _square, from_blocks, to_blocks, transposed_as_product
 from gigaseg.streaming.fused import SUMS, FusedTail, RowSplitter
 from gigaseg.streaming.fused_conv import FusedFirstConv
 from gigaseg.streaming.geometry import total_stride
@@ -69,14 +69,26 @@ class Tail:
     @classmethod
     def find(cls, net: SpaceToDepthUNet, threads: int | None = None) -> "Tail | None":
         """The fused tail of ``net``'s model, or None if its last layers are not that pattern (checked numerically too)."""
+        try:
+            return cls.match(net, threads)
+        except Unsupported:
+            return None
+
+    @classmethod
+    def match(cls, net: SpaceToDepthUNet, threads: int | None = None) -> "Tail":
+        """The fused tail of ``net``'s model; :class:`~gigaseg.streaming.fastpath.Unsupported`, saying why, if there is none."""
         model, f = net.model, net.factor
+        pattern = (f"the model does not end in the tail the kernels compute (a transposed convolution with kernel = "
+                   f"stride = {f}, concatenated with the rescaled image, then a 1x1 sigmoid convolution to one channel)")
         try:
             head = _producer(model.outputs[0])
             concat = _producer(head._inbound_nodes[0].input_tensors[0])
             inputs = concat._inbound_nodes[0].input_tensors
             kinds = [_producer(t) for t in inputs]
         except (AttributeError, IndexError):
-            return None
+            raise Unsupported(pattern) from None
+        if model.compute_dtype != "float32":
+            raise Unsupported(f"the kernels compute in float32 and the model in {model.compute_dtype}")
         if not (
             type(head) is layers.Conv2D
             and _square(head.kernel_size) == 1
@@ -86,9 +98,8 @@ class Tail:
             and isinstance(concat, layers.Concatenate)
             and concat.axis in (-1, 3)
             and len(kinds) == 2
-            and model.compute_dtype == "float32"
         ):
-            return None
+            raise Unsupported(pattern)
         image_first = isinstance(kinds[0], layers.Rescaling)
         rescaling, transposed = kinds if image_first else kinds[::-1]
         if not (
@@ -100,13 +111,15 @@ class Tail:
             and _square(transposed.strides) == f
             and _square(transposed.kernel_size) == f
             and _square(transposed.dilation_rate) == 1
-            and transposed.activation is keras.activations.relu
         ):
-            return None
+            raise Unsupported(pattern)
+        if transposed.activation is not keras.activations.relu:
+            name = getattr(transposed.activation, "__name__", str(transposed.activation))
+            raise Unsupported(f"the kernels compute ReLU and layer {transposed.name} uses {name}")
         rows = RowSplitter(threads)
         tail = cls(net, transposed, head, rescaling, image_first, FusedTail(rows, clip=BCE_CLIP))
         if not tail._agrees():
-            return None
+            raise Unsupported("the fused probabilities differ from the lowered ones on a test window")
         first = _first_conv(model, rescaling, f)
         if first is not None:
             tail.first, tail.first_kernels = first, FusedFirstConv(f, _square(first.kernel_size), rows)
