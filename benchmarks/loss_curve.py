@@ -35,7 +35,7 @@ def float64_curve(region, args) -> list[float]:
     model = float64_copy(build_unet())
     optimizer = build_optimizer(config.optimizer, learning_rate(config))
     optimizer.build(model.trainable_variables)
-    engine = TiledEngine(model, loss=args.loss, tile_size=args.tile_size, fast=False)
+    engine = TiledEngine(model, loss=args.loss, tile_size=args.tile_size, evaluator="keras")
     losses = []
     for _ in tqdm(range(args.steps), desc="float64", disable=args.json):
         result = engine.step(region.image, region.mask)

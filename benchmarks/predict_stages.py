@@ -27,7 +27,6 @@ def run(args: argparse.Namespace) -> dict:
     import imagecodecs
     import keras
     import numpy as np
-    import tensorflow as tf
 
     from gigaseg.inference.predict import DEFAULT_PAD_VALUE, OutlineGrid, PredictOptions, mask_values
     from gigaseg.inference.windows import PaddedLevel
@@ -35,11 +34,9 @@ def run(args: argparse.Namespace) -> dict:
     from gigaseg.slides import open_slide
     from gigaseg.slides.openslide_reader import _read_rgb
     from gigaseg.streaming import TiledEngine
-    from gigaseg.streaming.fastpath import from_blocks, to_blocks
 
     keras.utils.set_random_seed(0)
     engine = TiledEngine(build_unet(), tile_size=args.tile_size)
-    f = engine.blocks
     options = PredictOptions(tile_size=args.tile_size)
     stages: dict[str, float] = {}
     with open_slide(base_slide(args.height, args.width, 0)) as slide:
@@ -68,13 +65,11 @@ def run(args: argparse.Namespace) -> dict:
                 else:
                     _read_rgb(slide._slide, (left, top), 0, size)
                     lap("compare_openslide_read_region")
-            blocks = to_blocks(window, f)
+            blocks = engine.to_layout(window)
             lap("to_blocks")
-            core = engine._predict_fn(blocks, tf.constant(tile.core_offset, tf.int32), tf.constant(tile.core_shape, tf.int32))
-            core = core.numpy()
+            # Forward, and the core back from blocks to pixels.
+            probability = engine.core_probabilities(blocks, tile)
             lap("forward")
-            probability = from_blocks(core, f)
-            lap("from_blocks")
             mask, tissue, _ = mask_values(probability, options.kind, options.threshold)
             lap("round_to_uint8_threshold_count")
             grid.add(tile.core[0], tile.core[1], tissue)

@@ -81,15 +81,14 @@ def run(args: argparse.Namespace) -> dict:
     import keras
 
     from gigaseg.model import build_unet
-    from gigaseg.streaming import TiledEngine
+    from gigaseg.streaming import Tile, TiledEngine
+    from gigaseg.streaming.evaluators import SurrogateWeights
 
     keras.utils.set_random_seed(0)
     model = build_unet()
-    engine = TiledEngine(model, loss=args.loss, fused=not args.no_fused, fused_threads=args.threads or None)
-    f = engine.blocks
+    engine = TiledEngine(model, loss=args.loss, evaluator="lowered" if args.no_fused else "auto", threads=args.threads or None)
     rng = np.random.default_rng(0)
-    weights = [tf.constant(v, tf.float64) for v in (1e-9, -1e-9, 1e-9 if args.loss != "dice" else 0.0)]
-    offset = tf.constant([HALO, HALO], tf.int32)
+    weights = SurrogateWeights(1e-9, -1e-9, 1e-9 if args.loss != "dice" else 0.0)
     sizes = {}
     profile = {}
     for tile in args.tile_size:
@@ -97,11 +96,11 @@ def run(args: argparse.Namespace) -> dict:
         mask = (rng.random((tile, tile)) > 0.5).astype(np.uint8)
         reader = engine.window_reader(window, np.pad(mask, HALO))
         pixels, labels = reader.read((0, 0, tile + 2 * HALO, tile + 2 * HALO), (HALO, HALO, tile + HALO, tile + HALO))
-        core = tf.constant([tile, tile], tf.int32)
+        piece = Tile(0, 0, 0, core=(HALO, HALO, tile + HALO, tile + HALO), window=(0, 0, tile + 2 * HALO, tile + 2 * HALO))
         calls = {
-            "pass1_sums": lambda: engine._sums_fn(pixels, labels, offset),
-            "pass2_gradients": lambda: engine._grad_fn(pixels, labels, offset, *weights),
-            "forward_only": lambda: engine._predict_fn(pixels, offset, core),
+            "pass1_sums": lambda: engine.tile_sums(pixels, labels, piece),
+            "pass2_gradients": lambda: engine.tile_gradients(pixels, labels, piece, weights),
+            "forward_only": lambda: engine.core_probabilities(pixels, piece),
         }
         per_call = {}
         for name, call in calls.items():
@@ -121,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
         }
         if args.profile and not profile:
             profile = {name: _profile(call, args.repeat) for name, call in calls.items() }
-    return {"loss": args.loss, "halo": HALO, "threads": args.threads or "default", "fast_path": f is not None, "fused": engine.tail is not None,
+    return {"loss": args.loss, "halo": HALO, "threads": args.threads or "default", "evaluator": engine.evaluator.name,
             "tiles": sizes, **({"profile_ms": profile} if profile else {})}
 
 
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile-size", type=int, nargs="+", default=[1024], help="tile (core) sides, multiples of 64")
     parser.add_argument("--loss", choices=("dice", "bce", "dice_bce"), default="dice")
     parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra/inter-op threads and the fused kernels' threads (0: default)")
-    parser.add_argument("--no-fused", action="store_true", help="TensorFlow for the full-resolution layers too (TiledEngine(fused=False))")
+    parser.add_argument("--no-fused", action="store_true", help="TensorFlow for the full-resolution layers too (TiledEngine(evaluator='lowered'))")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="add the share of each kind of op (tf.profiler)")

@@ -5,6 +5,10 @@ peak RSS is its own. The region is a uint8 ``.npy`` memory map written once per 
 reused (``--region-dir``). Example:
 
     python benchmarks/train_step.py --height 8192 --width 8192 --loss dice --tiled --tile-size 1024 --json
+
+``--model`` changes the U-Net's layout (``build_unet`` keywords, lists comma-separated), e.g.
+``--model filters=8,8,8 decoder_filters=8,8,8`` or ``--model activation=elu``. Tiled runs
+report the evaluator that computed the tiles and the memory planner's estimate of the peak.
 """
 
 from __future__ import annotations
@@ -59,6 +63,25 @@ def write_region(directory: Path, height: int, width: int, seed: int = 0) -> tup
     return image_path, mask_path
 
 
+def model_options(pairs: list[str]) -> dict:
+    """``["filters=8,8,8", "activation=elu"]`` -> ``{"filters": [8, 8, 8], "activation": "elu"}``."""
+    def value(text: str):
+        if "," in text:
+            return [value(part) for part in text.split(",") if part]
+        try:
+            return int(text)
+        except ValueError:
+            return text
+
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--model takes key=value pairs (build_unet keywords), got {pair!r}")
+        options[key] = value(text)
+    return options
+
+
 def run_worker(args: argparse.Namespace) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -72,22 +95,25 @@ def run_worker(args: argparse.Namespace) -> dict:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     keras.utils.set_random_seed(0)
-    model = build_unet()
+    model = build_unet(**model_options(args.model))
     optimizer = keras.optimizers.Adam(1e-3)
     image = np.load(args.image, mmap_mode="r", allow_pickle=False)
     mask = np.load(args.mask, mmap_mode="r", allow_pickle=False)
     height, width = image.shape[:2]
     if args.tiled:
-        engine = TiledEngine(model, loss=args.loss, tile_size=args.tile_size, jit_compile=args.jit)
+        engine = TiledEngine(model, loss=args.loss, tile_size=args.tile_size, jit_compile=args.jit, evaluator=args.evaluator)
+        engine.check_gradients()  # the evaluator that will run, before planning with its memory model
+        memory_plan = engine.memory_plan((height, width))
+        engine.tile_size = memory_plan.tile_size
         step = lambda: engine.step(image, mask)  # noqa: E731
-        tile_size = list(engine.plan((height, width)).tile_shape)
+        tile_size = list(memory_plan.tile_size)
     else:
         # A plain step needs the whole region in memory; the copy is part of its footprint.
         image_array, mask_array = np.array(image), np.array(mask)
         release_rows(image, 0, height)
         release_rows(mask, 0, height)
         step = lambda: plain_step(model, image_array, mask_array, loss=args.loss)  # noqa: E731
-        tile_size = None
+        tile_size = memory_plan = None
     times, data_times, tiles = [], [], 1
     for i in range(args.steps + 1):
         start = time.perf_counter()
@@ -105,8 +131,12 @@ def run_worker(args: argparse.Namespace) -> dict:
         "width": width,
         "loss": args.loss,
         "tiled": bool(args.tiled),
+        "model": model_options(args.model),
         "tile_size": tile_size,
         "tiles": tiles,
+        "evaluator": engine.evaluator.name if args.tiled else "plain",
+        **({"evaluator_reason": engine.choice.describe(),
+            "estimated_peak_mb": round(memory_plan.estimated_peak_bytes / 2**20, 1)} if args.tiled else {}),
         "step_time_s": round(step_time, 3),
         "data_time_s": round(float(np.median(data_times)), 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -124,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (0: report the warm-up step)")
     parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra/inter-op threads (0: default)")
     parser.add_argument("--jit", action="store_true", help="XLA-compile the per-tile graphs")
+    parser.add_argument("--evaluator", default="auto", help="how tiles are computed: auto, fused, lowered or keras")
+    parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="build_unet keywords, lists comma-separated")
     parser.add_argument("--json", action="store_true", help="print one JSON object (always on; kept for scripts)")
     parser.add_argument("--region-dir", type=Path, default=Path(tempfile.gettempdir()) / "gigaseg-bench-regions")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
