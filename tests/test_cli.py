@@ -82,6 +82,27 @@ def test_smoke_prepare_and_train_log_everything(workspace):
 
 
 @pytest.mark.slow
+def test_smoke_runs_of_other_layouts_record_the_same_fast_evaluator(workspace):
+    from mlflow.tracking import MlflowClient
+
+    tmp_path, env, common = workspace
+    prepared = _command("gigaseg-prepare", "debug=smoke", *common, env=env, cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    layouts = [[], ["model.filters=[8,8,8]", "model.decoder_filters=[8,8,8]"], ["model.kernels=[5,7,7]"]]
+    for layout in layouts:
+        trained = _command("gigaseg-train", "debug=smoke", "train.steps=1", "train.log_model=false", *layout, *common,
+                           env=env, cwd=tmp_path)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("gigaseg").experiment_id])
+    assert len(runs) == len(layouts)
+    assert {run.data.params["model.kernels"] for run in runs} == {"[7, 9, 9]", "[5, 7, 7]"}
+    for run in runs:
+        assert run.data.tags["gigaseg.evaluator"] == "fused", run.data.tags.get("gigaseg.evaluator_reason")
+        assert run.data.tags["gigaseg.evaluator_reason"].startswith("fused (")
+
+
+@pytest.mark.slow
 def test_train_prepares_missing_regions_first(workspace):
     tmp_path, env, common = workspace
     result = _command("gigaseg-train", "debug=smoke", "train.steps=1", *common, env=env, cwd=tmp_path)
