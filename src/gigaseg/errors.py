@@ -38,3 +38,7 @@ class WriteError(GigasegError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class ModelLayoutError(GigasegError, ValueError):
+    """A model has a layer (or a layout) that an exact tiled step cannot reproduce; the message names it."""

@@ -1,7 +1,9 @@
 """The plain whole-region step (one gradient tape over the whole region), in float32 or float64.
 
 Training uses the float32 step for regions that fit in memory; the float64 step is the
-reference the tiled engine is checked against (see docs/STREAMING.md on rounding).
+reference the tiled engine is checked against (see docs/STREAMING.md on rounding). The model
+runs in inference mode (``training=False``), as tiles need it to: normalisation layers use
+their moving statistics (see :mod:`gigaseg.streaming.geometry`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def plain_step(model: keras.Model, image: np.ndarray, mask: np.ndarray, *, loss:
     x = tf.convert_to_tensor(np.asarray(image)[np.newaxis])
     y = tf.convert_to_tensor(np.asarray(mask), dtype=dtype)
     with tf.GradientTape() as tape:
-        p = net(x, training=True)[0, :, :, 0]
+        p = net(x, training=False)[0, :, :, 0]
         value = region_loss(loss, p, y)
     grads = tape.gradient(value, net.trainable_variables)
     inter, predicted = hard_counts(p, y)
