@@ -68,8 +68,8 @@ class TrainResult:
     val_probability: ProbabilityPreview | None = None
     tiled: bool = False
     tile_size: tuple[int, int] | None = None
-    #: How tiles were computed (gigaseg.streaming.evaluators; "plain" for the whole-region step) and why.
-    evaluator: str = "plain"
+    #: How tiles were computed (gigaseg.streaming.evaluators) and why.
+    evaluator: str = ""
     evaluator_reason: str = ""
     model: Any = None
     best_step: int | None = None
@@ -131,34 +131,15 @@ def memory_budget(config: TrainConfig) -> int:
     return int(available_memory_bytes() * config.memory_fraction)
 
 
-class PlainEngine:
-    """The whole region in one forward and backward pass (fastest when it fits in memory)."""
-
-    def __init__(self, model, *, loss: str) -> None:
-        self.model = model
-        self.loss = loss
-
-    def step(self, image: np.ndarray, mask: np.ndarray, *, progress=None):
-        from gigaseg.streaming import plain_step
-
-        t0 = time.perf_counter()
-        image = np.asarray(image)
-        mask = np.asarray(mask)
-        data_time = time.perf_counter() - t0
-        result = plain_step(self.model, image, mask, loss=self.loss)
-        result.data_time_s = data_time
-        return result
-
-
 def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig, replicas=None):
-    """The tiled engine (exact, and on CPU faster than a plain step), or the plain Keras step.
+    """The tiled engine (exact, and on CPU faster than a plain step), or the whole region as one tile.
 
     ``train.tiled=never`` asks for the plain whole-region step; it is refused before anything
     large is allocated when its memory estimate exceeds the budget. With ``replicas`` (a
     :class:`gigaseg.distributed.Replicas`), the tiles are spread over them; every replica uses
     the chief's tile size.
     """
-    from gigaseg.streaming import TiledEngine, check_plain_step_fits
+    from gigaseg.streaming import TiledEngine, WholeRegionEngine, check_plain_step_fits
 
     budget = memory_budget(config)
     if replicas is not None:
@@ -171,7 +152,7 @@ def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig, rep
             check_plain_step_fits(model, region_shape[0], region_shape[1], budget)
         except MemoryPlanError as exc:
             raise MemoryPlanError(f"{exc} (train.tiled=auto does this when needed)") from exc
-        return PlainEngine(model, loss=config.loss), None
+        return WholeRegionEngine(model, loss=config.loss), None
     options = dict(loss=config.loss, tile_size=config.tile_size, budget_bytes=budget, evaluator=config.evaluator)
     if replicas is not None:
         from gigaseg.distributed import DistributedEngine
@@ -426,8 +407,8 @@ def train(
         val_probability=val_probability,
         tiled=plan is not None,
         tile_size=tile_size,
-        evaluator=engine.choice.evaluator.name if plan is not None else "plain",
-        evaluator_reason=engine.choice.describe() if plan is not None else "train.tiled=never",
+        evaluator=engine.choice.evaluator.name,
+        evaluator_reason=engine.choice.describe() if plan is not None else "train.tiled=never: the whole region as one tile",
         model=model,
         best_step=best["step"],
         best_checkpoint=best["path"],

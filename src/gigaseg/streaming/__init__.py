@@ -3,7 +3,7 @@
 See docs/STREAMING.md for the method. The public entry points are re-exported here.
 """
 
-from gigaseg.streaming.engine import StepResult, TiledEngine, loss_and_gradients, predict_tiled
+from gigaseg.streaming.engine import StepResult, TiledEngine, WholeRegionEngine, loss_and_gradients, predict_tiled
 from gigaseg.streaming.geometry import Geometry, activation_bytes_per_pixel, model_geometry, total_stride
 from gigaseg.streaming.labels import count_labelled
 from gigaseg.streaming.memory import (
@@ -25,6 +25,7 @@ __all__ = [
     "Tile",
     "TilePlan",
     "TiledEngine",
+    "WholeRegionEngine",
     "activation_bytes_per_pixel",
     "available_memory_bytes",
     "check_plain_step_fits",

@@ -377,6 +377,22 @@ class TiledEngine:
                 progress(tile.index + 1, len(plan))
 
 
+class WholeRegionEngine(TiledEngine):
+    """The plain step as the engine runs it: the whole region as one tile, computed by the Keras evaluator.
+
+    No halo and no tile size to plan; its memory grows with the region (check it first with
+    :func:`~gigaseg.streaming.memory.check_plain_step_fits`). Training uses it for
+    ``train.tiled=never``. The float64 reference the engine is tested against is
+    :func:`~gigaseg.streaming.reference.plain_step`, which does not go through the engine.
+    """
+
+    def __init__(self, model: keras.Model, *, loss: str = "dice"):
+        super().__init__(model, loss=loss, halo=0, evaluator="keras", prefetch=False)
+
+    def plan(self, region_shape: tuple[int, int]) -> TilePlan:
+        return plan_tiles(region_shape, region_shape, 0, self.total_stride)
+
+
 def loss_and_gradients(
     model: keras.Model,
     image: np.ndarray,
