@@ -106,7 +106,7 @@ class TrainConfig:
     threshold: float = 0.5
     #: Also at the end.
     checkpoint_every: int = 10
-    #: auto/always: exact tiled steps (faster on CPU) | never: plain Keras step.
+    #: auto/always: exact tiled steps (faster on CPU) | never: the whole region as one tile (a plain Keras step).
     tiled: str = "auto"
     #: None: chosen from the memory budget.
     tile_size: int | None = None
