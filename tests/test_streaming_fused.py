@@ -8,8 +8,15 @@ import pytest
 from gigaseg.model import build_unet
 from gigaseg.streaming import TiledEngine
 from gigaseg.streaming.fastpath import to_blocks
-from gigaseg.streaming.fused import FusedTail, RowSplitter, _sigmoid
+from gigaseg.streaming.fused import FusedTail, RowSplitter, Surrogate, TailParams, _sigmoid
 from gigaseg.streaming.fused_conv import FusedFirstConv
+
+
+def random_params(rng) -> TailParams:
+    """A tail of 8 input channels, 4 filters and 4 x 4 blocks, with the demo's rescaling."""
+    return TailParams.as_float32(
+        rng.standard_normal((8, 64)), rng.standard_normal(64), rng.standard_normal(4), rng.standard_normal(3), 0.2, 7 / 255, -6.0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +54,13 @@ def test_sums_and_gradients_do_not_depend_on_the_number_of_threads():
     value = rng.standard_normal((37, 21, 8)).astype(np.float32)
     image = rng.integers(0, 256, (37, 21, 48), dtype=np.uint8)
     labels = rng.integers(0, 2, (37, 21, 16), dtype=np.uint8)
-    params = (rng.standard_normal((8, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32),
-              rng.standard_normal(4).astype(np.float32), rng.standard_normal(3).astype(np.float32), 0.2, 7 / 255, -6.0)
+    params = random_params(rng)
     one, three = FusedTail(RowSplitter(1)), FusedTail(RowSplitter(3))
-    np.testing.assert_array_equal(one.sums(value, image, labels, *params, True), three.sums(value, image, labels, *params, True))
-    for a, b in zip(one.gradients(value, image, labels, *params, 1e-3, -2e-3, 1e-4),
-                    three.gradients(value, image, labels, *params, 1e-3, -2e-3, 1e-4)):
+    np.testing.assert_array_equal(one.sums(value, image, labels, params, True), three.sums(value, image, labels, params, True))
+    for a, b in zip(one.gradients(value, image, labels, params, Surrogate(1e-3, -2e-3, 1e-4)),
+                    three.gradients(value, image, labels, params, Surrogate(1e-3, -2e-3, 1e-4))):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(one.probabilities(value, image, *params), three.probabilities(value, image, *params))
+    np.testing.assert_array_equal(one.probabilities(value, image, params), three.probabilities(value, image, params))
 
 
 def test_sigmoid_is_within_float32_rounding():
@@ -113,14 +119,13 @@ def test_kernels_leave_ignored_pixels_out_of_sums_and_gradients():
     value = rng.standard_normal((23, 19, 8)).astype(np.float32)
     image = rng.integers(0, 256, (23, 19, 48), dtype=np.uint8)
     labels = rng.integers(0, 2, (23, 19, 16), dtype=np.uint8)
-    params = (rng.standard_normal((8, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32),
-              rng.standard_normal(4).astype(np.float32), rng.standard_normal(3).astype(np.float32), 0.2, 7 / 255, -6.0)
-    weights = (1e-3, -2e-3, 1e-4)
+    params = random_params(rng)
+    weights = Surrogate(1e-3, -2e-3, 1e-4)
     tail = FusedTail(RowSplitter(2))
     part = rng.random(labels.shape) < 0.4
     first, second = np.where(part, 255, labels).astype(np.uint8), np.where(part, labels, 255).astype(np.uint8)
     # The sums over the labelled pixels, from the kernel's own probabilities.
-    p32 = tail.probabilities(value, image, *params)
+    p32 = tail.probabilities(value, image, params)
     p = p32.astype(np.float64)
     keep, y = first != 255, (first == 1).astype(np.float64)
     # Clipped in float32 as the kernel does (1 - 1e-7 is 1 - 2**-23 there): these weights saturate the sigmoid.
@@ -128,11 +133,11 @@ def test_kernels_leave_ignored_pixels_out_of_sums_and_gradients():
     hard = (p >= 0.5) & keep
     expected = [np.sum(p * y), np.sum(p[keep]), np.sum(y), -np.sum((y * np.log(q) + (1 - y) * np.log(1 - q))[keep]),
                 np.sum(hard * y), np.sum(hard)]
-    np.testing.assert_allclose(tail.sums(value, image, first, *params, True), expected, rtol=1e-6)
+    np.testing.assert_allclose(tail.sums(value, image, first, params, True), expected, rtol=1e-6)
     # Every pixel's terms are its own: ignoring complementary halves splits the whole in two.
-    whole = tail.gradients(value, image, labels, *params, *weights)
-    halves = [tail.gradients(value, image, half, *params, *weights) for half in (first, second)]
+    whole = tail.gradients(value, image, labels, params, weights)
+    halves = [tail.gradients(value, image, half, params, weights) for half in (first, second)]
     for total, a, b in zip(whole, *halves):
         np.testing.assert_allclose(a + b, total, rtol=1e-5, atol=1e-6 * np.max(np.abs(total)))
-    for total, a, b in zip(tail.sums(value, image, labels, *params, True), *(tail.sums(value, image, h, *params, True) for h in (first, second))):
+    for total, a, b in zip(tail.sums(value, image, labels, params, True), *(tail.sums(value, image, h, params, True) for h in (first, second))):
         assert a + b == pytest.approx(total, rel=1e-6)

@@ -24,7 +24,7 @@ def model():
 
 
 def test_plain_estimate_matches_the_measured_peaks(model):
-    # Measured on the 2-core machine: 16.8 Mpx -> 3.0 GB, 67 Mpx -> 10.3 GB peak RSS.
+    # The peaks the model is calibrated on (benchmarks/README.md, "Memory model calibration").
     assert plain_step_bytes(model, 4096, 4096) == pytest.approx(3.0 * GB, rel=0.15)
     assert plain_step_bytes(model, 8192, 8192) == pytest.approx(10.3 * GB, rel=0.15)
 

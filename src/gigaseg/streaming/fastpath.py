@@ -77,7 +77,8 @@ def _swap_middle(source: np.ndarray, out: np.ndarray) -> None:
     """``out[...] = source.transpose(0, 2, 1, 3)``, moving machine words in compiled loops where the views allow it.
 
     Block rows are a few bytes (12 for an RGB window in 4 x 4 blocks): numpy's transposing copy
-    moves them one element at a time, 7.5 ms for a 1664x1664 RGB window against 2.4 here.
+    moves them one element at a time, the compiled loops a machine word at a time
+    (benchmarks/README.md, "Kernel notes").
     """
     chunk = out.shape[3] * out.itemsize
     word = next(size for size in (8, 4, 2, 1) if chunk % size == 0)
@@ -92,9 +93,9 @@ def _swap_middle(source: np.ndarray, out: np.ndarray) -> None:
 def to_blocks(array: np.ndarray, f: int) -> np.ndarray:
     """``(h, w[, c])`` -> ``(h/f, w/f, f*f*c)`` in one copy, in the channel order of ``tf.nn.space_to_depth``.
 
-    Reading windows straight into this layout (in the prefetch thread) costs about a fifth of
-    TensorFlow's SpaceToDepth on uint8 tensors. Windows cut from a memory map (rows apart,
-    each row contiguous) are read where they lie.
+    Windows are read straight into this layout in the prefetch thread, which is cheaper than
+    TensorFlow's SpaceToDepth on uint8 tensors (benchmarks/README.md, "Kernel notes"). Windows
+    cut from a memory map (rows apart, each row contiguous) are read where they lie.
     """
     h, w = array.shape[:2]
     c = array.shape[2] if array.ndim == 3 else 1
@@ -126,7 +127,8 @@ def _shifted_outputs(dy: tf.Tensor, kb: int, before: int) -> tf.Tensor:
 # The gradients of the block convolution, registered once under these names (not
 # ``tf.custom_gradient``: inside a traced function it registers a new gradient under a fresh
 # name at every trace, and TensorFlow's registry keeps it, and the traced graph it refers to,
-# for the life of the process (tensorflow/tensorflow#97697): about 1 MB per new TiledEngine).
+# for the life of the process, tensorflow/tensorflow#97697: memory lost with every new
+# TiledEngine; benchmarks/README.md, "Kernel notes" and "Soak").
 _BLOCK_CONV = "GigasegBlockConv2D"
 _BLOCK_CONV_OF_DATA = "GigasegBlockConv2DOfData"
 
@@ -266,8 +268,9 @@ class SpaceToDepthUNet:
         """Probabilities of ``blocks``; with ``core`` = (offset, size) in blocks, of that part of the window only.
 
         Everything after the last transposed convolution is pointwise in block layout, so
-        it runs on the core alone (the halo is only needed by the convolutions below it):
-        about a fifth of the full-resolution work for a 1024-pixel tile with a 64-pixel halo.
+        it runs on the core alone (the halo is only needed by the convolutions below it),
+        which leaves out ``1 - 1024**2 / 1152**2``, about a fifth, of the full-resolution work
+        for a 1024-pixel tile with a 64-pixel halo.
         """
         early = core if self.crops else None
         values = self._evaluate(blocks, early)
@@ -375,7 +378,8 @@ def _crop(value: tf.Tensor, core) -> tf.Tensor:
     if core is None:
         return value
     offset, size = core
-    # tf.slice, not a strided slice: its gradient is a cheap Pad (StridedSliceGrad took ~9 ms per window).
+    # tf.slice, not a strided slice: its gradient is a cheap Pad, where StridedSliceGrad was slow
+    # (benchmarks/README.md, "Kernel notes").
     return tf.slice(value, tf.concat([[0], offset, [0]], 0), tf.concat([[1], size, [value.shape[-1]]], 0))
 
 

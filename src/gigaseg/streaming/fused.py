@@ -14,10 +14,9 @@ Shapes (``S = f*f`` pixels per block, ``C`` input channels, ``F`` filters, ``J =
 ``value`` (rows, cols, C) float32, the transposed convolution's input cut to the core;
 ``image`` (rows, cols, 3*S) uint8, the core's pixels in blocks; ``labels`` (rows, cols, S)
 uint8: 0 background, 1 tissue, above 1 (the ignore label) a pixel left out of every sum and
-given no gradient; ``wt`` (C, J) and ``bt`` (J,) the transposed convolution as a product
-(output ``J`` index = sub-pixel * F + filter); ``wa`` (F,) and ``wi`` (3,) the head's weights
-for the activations and for the rescaled image, ``bh`` its bias; ``scale``, ``offset`` the
-rescaling.
+given no gradient. The tail's own parameters travel as a :class:`TailParams`, the surrogate's
+constants as a :class:`Surrogate`, the gradients as a :class:`TailGradients`; numba compiles
+their attribute access away.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -40,6 +40,71 @@ _F32 = np.float32
 _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
 _HALF = np.float32(0.5)
+
+
+class TailParams(NamedTuple):
+    """The tail's parameters, as the kernels take them (float32; build one with :meth:`as_float32`)."""
+
+    #: (C, J): the last transposed convolution (kernel = stride = f) as a matrix product; output
+    #: index ``J`` = sub-pixel * F + filter, the space-to-depth order.
+    transposed_weights: np.ndarray
+    #: (J,): its bias, repeated per sub-pixel.
+    transposed_bias: np.ndarray
+    #: (F,): the 1x1 head's weights for the transposed convolution's activations.
+    head_activation_weights: np.ndarray
+    #: (3,): the 1x1 head's weights for the rescaled image.
+    head_image_weights: np.ndarray
+    #: The 1x1 head's bias.
+    head_bias: np.float32
+    #: The Rescaling layer's ``scale`` and ``offset``: the image the head reads is ``pixel * scale + offset``.
+    scale: np.float32
+    offset: np.float32
+
+    @classmethod
+    def as_float32(cls, *fields) -> TailParams:
+        """The seven fields (arrays or tensors' values, in field order) as contiguous float32 arrays and scalars."""
+        arrays = [np.ascontiguousarray(a, np.float32) for a in fields[:4]]
+        return cls(*arrays, *(np.float32(s) for s in fields[4:]))
+
+    @property
+    def learned(self) -> tuple:
+        """The five fields that come from the model's variables (not the rescaling's constants)."""
+        return self[:5]
+
+
+class Surrogate(NamedTuple):
+    """Pass 2's constants, float32: ``dL/dp`` of a background and of a tissue pixel, and BCE's 1/n (0: no BCE term)."""
+
+    background: np.float32
+    tissue: np.float32
+    bce_scale: np.float32
+
+
+class TailGradients(NamedTuple):
+    """Gradients of the surrogate for the tail's input and parameters, and the core's :data:`SUMS`.
+
+    Inside the kernels every field has a leading axis of rows (float64 partial sums, ``value``
+    float32); :meth:`FusedTail.gradients` returns them added over rows, in float32 shaped like
+    the inputs, the sums in float64.
+    """
+
+    value: np.ndarray
+    transposed_weights: np.ndarray
+    transposed_bias: np.ndarray
+    head_activation_weights: np.ndarray
+    head_image_weights: np.ndarray
+    head_bias: np.ndarray
+    sums: np.ndarray
+
+
+class RowScratch(NamedTuple):
+    """One block row's intermediates, each (length, cols) so that loops over the row vectorise."""
+
+    value: np.ndarray  # (C, cols): the transposed convolution's input
+    pre_activations: np.ndarray  # (J, cols): the transposed convolution's output before ReLU
+    pixels: np.ndarray  # (3*S, cols): the rescaled image
+    probabilities: np.ndarray  # (S, cols)
+    exponent_bits: np.ndarray  # (S, cols) int32: scratch of :func:`_sigmoid`
 
 
 # exp(r) for |r| <= ln(2)/2: Taylor terms 1 / k!, k = 0..7 (error below 1e-8); ln 2 in two parts (Cody and Waite).
@@ -59,7 +124,8 @@ def _sigmoid(z, bits):  # pragma: no cover - compiled
     c0, c1, c2, c3, c4, c5, c6, c7 = _EXP
     for q in range(z.shape[0]):
         t = min(max(-z[q], np.float32(-87.0)), np.float32(88.0))
-        # np.floor keeps float32, so the loop vectorises (math.floor's integer made it scalar float64: 4x slower).
+        # np.floor keeps float32, so the loop vectorises; math.floor's integer made it scalar
+        # float64 (benchmarks/README.md, "Kernel notes").
         n = np.floor(t * _LOG2E + _HALF)
         bits[q] = (np.int32(n) + np.int32(127)) << np.int32(23)
         r = (t - n * _LN2_HI) - n * _LN2_LO
@@ -70,11 +136,17 @@ def _sigmoid(z, bits):  # pragma: no cover - compiled
 
 
 @numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
-def _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, p, e):  # pragma: no cover - compiled
-    """Probabilities of block row ``i`` into ``p`` (S, cols); keeps the row's input ``v``, pre-activations ``pre`` and rescaled pixels ``x``.
+def _forward_row(value, image, i, params, row):  # pragma: no cover - compiled
+    """Probabilities of block row ``i`` into ``row.probabilities`` (S, cols), keeping the row's other intermediates in ``row``.
 
-    ``e`` is scratch space of ``p``'s shape, int32.
+    Backward passes reuse ``row``'s input, pre-activations and rescaled pixels rather than
+    recomputing them.
     """
+    # Short names for the arithmetic: the transposed convolution (wt, bt), the head (wa, wi), and the row's buffers.
+    wt, bt = params.transposed_weights, params.transposed_bias
+    wa, wi = params.head_activation_weights, params.head_image_weights
+    scale, offset, bh = params.scale, params.offset, params.head_bias
+    v, pre, x, p = row.value, row.pre_activations, row.pixels, row.probabilities
     cols = value.shape[1]
     channels, width = wt.shape
     filters = wa.shape[0]
@@ -103,7 +175,7 @@ def _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, 
             w = wi[ch]
             for c in range(cols):
                 p[s, c] += w * x[s * 3 + ch, c]
-    _sigmoid(p.ravel(), e.ravel())
+    _sigmoid(p.ravel(), row.exponent_bits.ravel())
 
 
 @numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
@@ -153,51 +225,62 @@ def _scratch(rows, cols, dtype):  # pragma: no cover - compiled
 
 
 @numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
-def _row_buffers(value, wt, wa):  # pragma: no cover - compiled
-    """Scratch space of one row for :func:`_forward_row`: ``v``, ``pre``, ``x``, ``p`` and ``e``."""
+def _row_scratch(value, params):  # pragma: no cover - compiled
+    """A :class:`RowScratch` for rows of ``value`` under ``params``, in aligned buffers."""
     cols = value.shape[1]
-    channels, width = wt.shape
-    sub = width // wa.shape[0]
-    return (_scratch(channels, cols, np.float32), _scratch(width, cols, np.float32),
-            _scratch(3 * sub, cols, np.float32), _scratch(sub, cols, np.float32), _scratch(sub, cols, np.int32))
+    channels, width = params.transposed_weights.shape
+    sub = width // params.head_activation_weights.shape[0]
+    return RowScratch(_scratch(channels, cols, np.float32), _scratch(width, cols, np.float32),
+                      _scratch(3 * sub, cols, np.float32), _scratch(sub, cols, np.float32), _scratch(sub, cols, np.int32))
 
 
 @numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
-def _probabilities(value, image, lo, hi, wt, bt, wa, wi, bh, scale, offset, out):  # pragma: no cover - compiled
-    cols, sub = value.shape[1], wt.shape[1] // wa.shape[0]
-    v, pre, x, p, e = _row_buffers(value, wt, wa)
+def _probabilities(value, image, lo, hi, params, out):  # pragma: no cover - compiled
+    """Probabilities of rows ``lo:hi`` into ``out`` (rows, cols, S)."""
+    cols, sub = value.shape[1], params.transposed_weights.shape[1] // params.head_activation_weights.shape[0]
+    row = _row_scratch(value, params)
+    p = row.probabilities
     for i in range(lo, hi):
-        _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, p, e)
+        _forward_row(value, image, i, params, row)
         for c in range(cols):
             for s in range(sub):
                 out[i, c, s] = p[s, c]
 
 
 @numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
-def _sums(value, image, labels, lo, hi, wt, bt, wa, wi, bh, scale, offset, clip, with_bce, out):  # pragma: no cover - compiled
-    v, pre, x, p, e = _row_buffers(value, wt, wa)
+def _sums(value, image, labels, lo, hi, params, clip, with_bce, out):  # pragma: no cover - compiled
+    """The :data:`SUMS` of rows ``lo:hi``, one row of ``out`` (rows, 6) each."""
+    row = _row_scratch(value, params)
     for i in range(lo, hi):
-        _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, p, e)
-        _row_sums(p, labels, i, clip, with_bce, out[i])
+        _forward_row(value, image, i, params, row)
+        _row_sums(row.probabilities, labels, i, clip, with_bce, out[i])
 
 
 @numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
-def _gradients(
-    value, image, labels, lo, hi, wt, bt, wa, wi, bh, scale, offset, clip, with_bce,
-    weight_background, weight_tissue, bce_scale, g_value, g_wt, g_bt, g_wa, g_wi, g_bh, sums,
-):  # pragma: no cover - compiled
-    """Gradients of ``sum(weight(y) * p) + bce_scale * sum(bce(p, y))`` over the labelled pixels of rows ``lo:hi``, per row (float64)."""
+def _gradients(value, image, labels, lo, hi, params, clip, with_bce, surrogate, out):  # pragma: no cover - compiled
+    """Gradients of ``sum(weight(y) * p) + bce_scale * sum(bce(p, y))`` over the labelled pixels of rows ``lo:hi``, per row, into ``out``.
+
+    ``weight(y)`` is ``surrogate.tissue`` or ``surrogate.background``; ``out`` is a
+    :class:`TailGradients` of per-row arrays. The row's :data:`SUMS` come along, since the
+    forward row is at hand.
+    """
+    # Short names for the arithmetic (see _forward_row).
+    wt, wa = params.transposed_weights, params.head_activation_weights
+    weight_background, weight_tissue, bce_scale = surrogate.background, surrogate.tissue, surrogate.bce_scale
     cols = value.shape[1]
     channels, width = wt.shape
     filters = wa.shape[0]
     sub = width // filters
-    v, pre, x, p, e = _row_buffers(value, wt, wa)
-    gz = _scratch(sub, cols, np.float32)
-    gpre = _scratch(1, cols, np.float32)[0]
-    gv = _scratch(channels, cols, np.float32)
+    row = _row_scratch(value, params)
+    v, pre, x, p = row.value, row.pre_activations, row.pixels, row.probabilities
+    gz = _scratch(sub, cols, np.float32)  # dL/dz of the sigmoid's input
+    gpre = _scratch(1, cols, np.float32)[0]  # dL/d(pre-activation) of one output column j
+    gv = _scratch(channels, cols, np.float32)  # dL/d(value), (C, cols)
+    g_value, g_wt, g_bt = out.value, out.transposed_weights, out.transposed_bias
+    g_wa, g_wi, g_bh = out.head_activation_weights, out.head_image_weights, out.head_bias
     for i in range(lo, hi):
-        _forward_row(value, image, i, wt, bt, wa, wi, bh, scale, offset, v, pre, x, p, e)
-        _row_sums(p, labels, i, clip, with_bce, sums[i])
+        _forward_row(value, image, i, params, row)
+        _row_sums(p, labels, i, clip, with_bce, out.sums[i])
         # dL/dz of the sigmoid's input, as TensorFlow's gradients of the same expressions give it.
         for s in range(sub):
             for c in range(cols):
@@ -263,56 +346,60 @@ class RowSplitter:
 
 
 class FusedTail:
-    """Runs the tail's kernels on a tile core, its rows split by ``rows``."""
+    """Runs the tail's kernels on a tile core, its rows split by ``rows``.
+
+    ``params`` is a :class:`TailParams`, or its seven fields in order in any sequence
+    (``tf.numpy_function`` hands them over as separate arrays); they are converted to float32.
+    """
 
     def __init__(self, rows: RowSplitter | None = None, clip: float = 1e-7):
         self._rows = rows or RowSplitter()
         self.clip = np.float32(clip)
 
-    @staticmethod
-    def _params(wt, bt, wa, wi, bh, scale, offset):
-        f32 = [np.ascontiguousarray(a, np.float32) for a in (wt, bt, wa, wi)]
-        return (*f32, np.float32(bh), np.float32(scale), np.float32(offset))
-
-    def probabilities(self, value, image, wt, bt, wa, wi, bh, scale, offset) -> np.ndarray:
+    def probabilities(self, value, image, params) -> np.ndarray:
         """(rows, cols, S) float32 probabilities of the core."""
-        params = self._params(wt, bt, wa, wi, bh, scale, offset)
+        params = TailParams.as_float32(*params)
         rows, cols = value.shape[:2]
-        out = np.empty((rows, cols, params[0].shape[1] // params[2].shape[0]), np.float32)
-        self._rows(rows, lambda lo, hi: _probabilities(value, image, lo, hi, *params, out))
+        out = np.empty((rows, cols, params.transposed_weights.shape[1] // params.head_activation_weights.shape[0]), np.float32)
+        self._rows(rows, lambda lo, hi: _probabilities(value, image, lo, hi, params, out))
         return out
 
-    def sums(self, value, image, labels, wt, bt, wa, wi, bh, scale, offset, with_bce) -> np.ndarray:
+    def sums(self, value, image, labels, params, with_bce) -> np.ndarray:
         """The six float64 sums of :data:`SUMS` over the core (BCE left 0 unless ``with_bce``)."""
-        params = self._params(wt, bt, wa, wi, bh, scale, offset)
+        params = TailParams.as_float32(*params)
         per_row = np.zeros((value.shape[0], len(SUMS)), np.float64)
         flag = bool(with_bce)
-        self._rows(value.shape[0], lambda lo, hi: _sums(value, image, labels, lo, hi, *params, self.clip, flag, per_row))
+        self._rows(value.shape[0], lambda lo, hi: _sums(value, image, labels, lo, hi, params, self.clip, flag, per_row))
         return per_row.sum(0)
 
-    def gradients(
-        self, value, image, labels, wt, bt, wa, wi, bh, scale, offset, weight_background, weight_tissue, bce_scale
-    ) -> tuple[np.ndarray, ...]:
+    def gradients(self, value, image, labels, params, surrogate) -> TailGradients:
         """Gradients of the core's surrogate ``sum(weight(y) * p) + bce_scale * sum(bce)`` over labelled pixels, and its six sums.
 
-        Returns (d value, d wt, d bt, d wa, d wi, d bh) in float32, shaped like the inputs,
-        and the :data:`SUMS` in float64 (BCE only if ``bce_scale`` is not 0).
+        ``surrogate`` is a :class:`Surrogate` or its three numbers in order. Returns the
+        gradients in float32, shaped like ``value`` and ``params``' learned fields, and the
+        :data:`SUMS` in float64 (BCE only if ``bce_scale`` is not 0).
         """
-        params = self._params(wt, bt, wa, wi, bh, scale, offset)
-        wt32, bt32, wa32 = params[:3]
+        params = TailParams.as_float32(*params)
+        background, tissue, bce_scale = surrogate
         rows, cols, channels = value.shape
-        g_value = np.empty((rows, cols, channels), np.float32)
-        g_wt = np.zeros((rows, *wt32.shape), np.float64)
-        g_bt = np.zeros((rows, bt32.shape[0]), np.float64)
-        g_wa = np.zeros((rows, wa32.shape[0]), np.float64)
-        g_wi = np.zeros((rows, 3), np.float64)
-        g_bh = np.zeros(rows, np.float64)
-        sums = np.zeros((rows, len(SUMS)), np.float64)
-        weights = (np.float32(weight_background), np.float32(weight_tissue), np.float32(bce_scale))
-        outputs = (g_value, g_wt, g_bt, g_wa, g_wi, g_bh, sums)
+        per_row = TailGradients(
+            value=np.empty((rows, cols, channels), np.float32),
+            transposed_weights=np.zeros((rows, *params.transposed_weights.shape), np.float64),
+            transposed_bias=np.zeros((rows, params.transposed_bias.shape[0]), np.float64),
+            head_activation_weights=np.zeros((rows, params.head_activation_weights.shape[0]), np.float64),
+            head_image_weights=np.zeros((rows, 3), np.float64),
+            head_bias=np.zeros(rows, np.float64),
+            sums=np.zeros((rows, len(SUMS)), np.float64),
+        )
+        constants = Surrogate(np.float32(background), np.float32(tissue), np.float32(bce_scale))
+        with_bce = bce_scale != 0
         self._rows(
             rows,
-            lambda lo, hi: _gradients(value, image, labels, lo, hi, *params, self.clip, bce_scale != 0, *weights, *outputs),
+            lambda lo, hi: _gradients(value, image, labels, lo, hi, params, self.clip, with_bce, constants, per_row),
         )
-        grads = [g_value] + [g.sum(0).astype(np.float32) for g in (g_wt, g_bt, g_wa, g_wi)] + [np.float32(g_bh.sum())]
-        return (*grads, sums.sum(0))
+        return TailGradients(
+            per_row.value,
+            *(g.sum(0).astype(np.float32) for g in per_row[1:5]),
+            np.float32(per_row.head_bias.sum()),
+            per_row.sums.sum(0),
+        )

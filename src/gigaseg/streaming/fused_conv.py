@@ -1,24 +1,25 @@
 """The U-Net's first convolution (full-resolution RGB in, stride = block side, ReLU) in numba loops, reading the window's blocks directly; forward only.
 
-TensorFlow spends about 28 ms of a 1152x1152 window on it (casting the uint8 window to float,
-rescaling, a stride-1 convolution over blocks with a third of its taps zero). Here each
-block row the output row reads is rescaled into planes, one per (sub-pixel row, sub-pixel
-column, colour), with a margin of zero blocks (the convolution's 'same' padding); every
-output row is then the sum of ``k*k*3`` shifted plane rows times a weight, in loops over the
-row that the compiler vectorises. Only the real ``k x k`` taps are computed. The planes of
-the few block rows in use are kept in a ring, so they stay in the cache: 12 ms for a
-1664x1664 window, where planes of the whole window (33 MB, written, then read back) took 36.
+TensorFlow's version casts the uint8 window to float, rescales it, and runs a stride-1
+convolution over blocks with a third of its taps zero. Here each block row the output row
+reads is rescaled into planes, one per (sub-pixel row, sub-pixel column, colour), with a
+margin of zero blocks (the convolution's 'same' padding); every output row is then the sum of
+``k*k*3`` shifted plane rows times a weight, in loops over the row that the compiler
+vectorises. Only the real ``k x k`` taps are computed. The planes of the few block rows in
+use are kept in a ring, so they stay in the cache, where planes of the whole window would be
+written out and read back (benchmarks/README.md, "Kernel notes").
 
 Only forward passes use it (prediction, pass 1 of a two-pass step). A version that also
-computed the filter gradient for pass 2 was withdrawn: at 2048x2048 its steps' deepest-layer
-gradients were up to 1.1e-4 from the float64 plain step, against 6e-7 with TensorFlow's
-convolution, over the exactness tests' 1e-4. The cause is float32 rounding flipping a ReLU
-near zero in a 32x32 layer, not an error in it: TensorFlow's own convolution lands at 8.2e-4
-there when the first bias is scaled by 1 - 5e-7 (``benchmarks/README.md``, current training
-figures).
+computed the filter gradient for pass 2 was withdrawn: on large windows its steps' deepest
+gradients fell outside the exactness tests' bound, from float32 rounding flipping a ReLU near
+zero in a low-resolution layer rather than an error in it; TensorFlow's own convolution does
+the same when the first bias is nudged (benchmarks/README.md, "Why the first convolution's
+filter gradient is not fused").
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -29,9 +30,29 @@ _F32 = np.float32
 _ZERO = np.float32(0.0)
 
 
+class ConvParams(NamedTuple):
+    """The first convolution's parameters and the rescaling before it, float32."""
+
+    kernel: np.ndarray  # (k, k, 3, filters)
+    bias: np.ndarray  # (filters,)
+    scale: np.float32  # the Rescaling layer's: the convolution reads ``pixel * scale + offset``
+    offset: np.float32
+
+
+class BlockPadding(NamedTuple):
+    """Where the convolution's taps fall in block layout."""
+
+    factor: int  # the block side = the convolution's stride
+    before: int  # pixels of 'same' zero padding before the first row and column
+    margin: int  # zero blocks kept on each side of a plane row, enough for the farthest tap
+
+
 @numba.njit(fastmath=_FAST, nogil=True, cache=True, error_model="numpy")
-def _forward(blocks, w, b, f, before, margin, scale, offset, lo, hi, out):  # pragma: no cover - compiled
-    """ReLU(convolution + b) of the rescaled ``blocks``, output rows ``lo:hi``, into ``out`` (rows, cols, filters)."""
+def _forward(blocks, params, padding, lo, hi, out):  # pragma: no cover - compiled
+    """ReLU(convolution + bias) of the rescaled ``blocks``, output rows ``lo:hi``, into ``out`` (rows, cols, filters)."""
+    # Short names for the arithmetic: the kernel (w), its bias (b), the block side (f).
+    w, b, scale, offset = params.kernel, params.bias, params.scale, params.offset
+    f, before, margin = padding.factor, padding.before, padding.margin
     rows, cols, channels = blocks.shape
     k = w.shape[0]
     filters = w.shape[3]
@@ -86,15 +107,15 @@ class FusedFirstConv:
         self.factor = int(factor)
         self.kernel_size = int(kernel_size)
         # TensorFlow's 'same' padding when the size is a multiple of the stride.
-        self.before = max(self.kernel_size - self.factor, 0) // 2
-        reach = (-(-self.before // self.factor), (self.kernel_size - 1 - self.before) // self.factor)
-        self.margin = max(reach)
+        before = max(self.kernel_size - self.factor, 0) // 2
+        reach = (-(-before // self.factor), (self.kernel_size - 1 - before) // self.factor)
+        self.padding = BlockPadding(self.factor, before, max(reach))
         self._rows = rows or RowSplitter()
 
     def forward(self, blocks: np.ndarray, kernel: np.ndarray, bias: np.ndarray, scale, offset) -> np.ndarray:
         """(rows, cols, filters) float32 activations of the rescaled blocks."""
-        kernel, bias = np.ascontiguousarray(kernel, np.float32), np.ascontiguousarray(bias, np.float32)
-        out = np.empty((blocks.shape[0], blocks.shape[1], kernel.shape[3]), np.float32)
-        args = (self.factor, self.before, self.margin, np.float32(scale), np.float32(offset))
-        self._rows(out.shape[0], lambda lo, hi: _forward(blocks, kernel, bias, *args, lo, hi, out))
+        params = ConvParams(np.ascontiguousarray(kernel, np.float32), np.ascontiguousarray(bias, np.float32),
+                            np.float32(scale), np.float32(offset))
+        out = np.empty((blocks.shape[0], blocks.shape[1], params.kernel.shape[3]), np.float32)
+        self._rows(out.shape[0], lambda lo, hi: _forward(blocks, params, self.padding, lo, hi, out))
         return out

@@ -4,7 +4,8 @@ Estimates are linear in the pixels a step holds at once: ``fixed overhead + pixe
 per pixel``. Bytes per pixel are the model's own activation footprint (sum of every layer
 output's channels x 4 bytes / jump^2, see :func:`activation_bytes_per_pixel`) times a
 factor for what a gradient tape keeps besides (gradients of those activations, temporaries
-of the loss), calibrated against measured peak RSS (see the constants below).
+of the loss), calibrated against measured peak RSS (benchmarks/README.md, "Memory model
+calibration").
 """
 
 from __future__ import annotations
@@ -19,16 +20,11 @@ from gigaseg.errors import MemoryPlanError
 from gigaseg.streaming.geometry import activation_bytes_per_pixel, model_geometry
 from gigaseg.streaming.plan import as_tile_shape, check_region_shape, check_tile_shape, plan_tiles, tile_below_halo
 
-# Calibration (TensorFlow 2.21 CPU, 2 cores, gigaunet: 67.25 activation bytes per pixel), from
-# peak RSS measured by benchmarks/train_step.py, each configuration in a fresh process:
-#   plain Dice step: the issue measured 4096^2 -> 3.0 GB and 8192^2 -> 10.3 GB, we measured
-#   9.4 GiB at 8192^2. The slope between the issue's two points, 145 bytes per pixel, is 2.15x
-#   the activation footprint (the tape keeps activations and their gradients); the intercept,
-#   about 0.6 GB, is the TensorFlow runtime, the model and the region itself.
-#   tiled Dice step (halo 64, space-to-depth path): 1024^2 tiles (1152^2 windows) -> 1041 MiB,
-#   2048^2 tiles (2176^2 windows) -> 1329 MiB at 8192^2. The slope, 88 bytes per window pixel,
-#   is 1.3x the activation footprint (the fast path keeps fewer full-resolution tensors); the
-#   intercept, about 930 MiB, is the runtime, the traced graphs and the reading buffers.
+# Slopes and intercepts of peak RSS against pixels held, fitted to peaks measured with
+# benchmarks/train_step.py (benchmarks/README.md, "Memory model calibration"). A plain step's
+# tape keeps every activation and its gradient; the overhead is the TensorFlow runtime, the
+# model and the region itself. The compact evaluators keep fewer full-resolution tensors;
+# their overhead is the runtime, the traced graphs and the reading buffers.
 PLAIN_TAPE_FACTOR = 2.15
 PLAIN_OVERHEAD_BYTES = 600 * 2**20
 #: What a window pixel costs the evaluators that keep few full-resolution tensors (``lowered``,
@@ -40,7 +36,8 @@ KERAS_TAPE_FACTOR = PLAIN_TAPE_FACTOR
 TILED_TAPE_FACTOR = COMPACT_TAPE_FACTOR
 TILED_OVERHEAD_BYTES = 930 * 2**20
 #: The largest tile the planner picks by itself. Larger tiles recompute less halo, but
-#: measured at 8192^2, 1024^2 tiles were faster per pixel than 2048^2 (cache locality).
+#: 1024^2 tiles were faster per pixel than 2048^2 (cache locality; benchmarks/README.md,
+#: "Training step: plain and tiled", tile size).
 MAX_TILE = 1024
 
 

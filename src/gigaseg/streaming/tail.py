@@ -20,7 +20,7 @@ from keras import layers
 
 from gigaseg.losses import BCE_CLIP
 from gigaseg.streaming.fastpath import SpaceToDepthUNet, Unsupported, _crop, _square, from_blocks, to_blocks, transposed_as_product
-from gigaseg.streaming.fused import SUMS, FusedTail, RowSplitter
+from gigaseg.streaming.fused import SUMS, FusedTail, RowSplitter, TailParams
 from gigaseg.streaming.fused_conv import FusedFirstConv
 from gigaseg.streaming.geometry import total_stride
 
@@ -159,19 +159,19 @@ class Tail:
         below = values[id(self.transposed._inbound_nodes[0].input_tensors[0])]
         return _crop(below, core)[0]
 
-    def parameters(self) -> list[tf.Tensor]:
-        """(wt, bt, wa, wi, bh) from the layers' variables, with differentiable ops."""
+    def parameters(self) -> TailParams:
+        """The tail's parameters as tensors: the learned ones from the layers' variables with differentiable ops, and the rescaling."""
         t, head = self.transposed, self.head
-        wt, bt = transposed_as_product(t, self.net.factor)
-        if bt is None:
-            bt = tf.zeros([wt.shape[1]], wt.dtype)
-        weights = head.kernel[0, 0, :, 0]
+        weights, bias = transposed_as_product(t, self.net.factor)
+        if bias is None:
+            bias = tf.zeros([weights.shape[1]], weights.dtype)
+        head_weights = head.kernel[0, 0, :, 0]
         if self.image_first:
-            wi, wa = weights[:3], weights[3:]
+            image_weights, activation_weights = head_weights[:3], head_weights[3:]
         else:
-            wa, wi = weights[: t.filters], weights[t.filters :]
-        bh = head.bias[0] if head.use_bias else tf.zeros([], weights.dtype)
-        return [wt, bt, wa, wi, bh]
+            activation_weights, image_weights = head_weights[: t.filters], head_weights[t.filters :]
+        head_bias = head.bias[0] if head.use_bias else tf.zeros([], head_weights.dtype)
+        return TailParams(weights, bias, activation_weights, image_weights, head_bias, *self._rescale())
 
     def _rescale(self) -> list[tf.Tensor]:
         return [tf.constant(float(self.rescaling.scale), tf.float32), tf.constant(float(self.rescaling.offset), tf.float32)]
@@ -180,32 +180,51 @@ class Tail:
     def _image(blocks: tf.Tensor, core) -> tf.Tensor:
         return _crop(blocks[tf.newaxis], core)[0]
 
+    # tf.numpy_function hands its function the tensors' values as separate arguments: the
+    # kernels' calls below gather the TailParams' seven fields back into one tuple.
+
     def probabilities(self, blocks: tf.Tensor, core) -> tf.Tensor:
         """(rows, cols, f*f) probabilities of the core, as ``net(blocks, core)`` gives them."""
-        inputs = [self._below(blocks, core, True), self._image(blocks, core), *self.parameters(), *self._rescale()]
-        p = tf.numpy_function(self.kernels.probabilities, inputs, tf.float32, stateful=False, name="fused_tail")
+        kernels = self.kernels
+
+        def run(value, image, *params):
+            return kernels.probabilities(value, image, params)
+
+        inputs = [self._below(blocks, core, True), self._image(blocks, core), *self.parameters()]
+        p = tf.numpy_function(run, inputs, tf.float32, stateful=False, name="fused_tail")
         return tf.ensure_shape(p, [None, None, self.net.factor**2])
 
     def sums(self, blocks: tf.Tensor, labels: tf.Tensor, core, with_bce: bool) -> tf.Tensor:
         """The six float64 sums of the core (:data:`gigaseg.streaming.fused.SUMS`)."""
-        inputs = [self._below(blocks, core, True), self._image(blocks, core), labels, *self.parameters(),
-                  *self._rescale(), tf.constant(with_bce)]
-        sums = tf.numpy_function(self.kernels.sums, inputs, tf.float64, stateful=False, name="fused_tail_sums")
+        kernels = self.kernels
+
+        def run(value, image, labels, *params_and_flag):
+            return kernels.sums(value, image, labels, params_and_flag[:-1], params_and_flag[-1])
+
+        inputs = [self._below(blocks, core, True), self._image(blocks, core), labels, *self.parameters(), tf.constant(with_bce)]
+        sums = tf.numpy_function(run, inputs, tf.float64, stateful=False, name="fused_tail_sums")
         return tf.ensure_shape(sums, [len(SUMS)])
 
     def gradients(self, blocks, labels, core, weights, variables) -> tuple[list[tf.Tensor], tf.Tensor]:
         """Gradients of the core's surrogate for ``variables`` and the core's six sums.
 
-        ``weights`` = (dL/dp of background, of tissue, BCE scale), float32 tensors.
+        ``weights`` = (dL/dp of background, of tissue, BCE scale), float32 tensors
+        (:class:`gigaseg.streaming.fused.Surrogate`'s order).
         """
+        kernels, count = self.kernels, len(TailParams._fields)
+
+        def run(value, image, labels, *params_and_surrogate):
+            return kernels.gradients(value, image, labels, params_and_surrogate[:count], params_and_surrogate[count:])
+
         with tf.GradientTape() as tape:
             below = self._below(blocks, core)
             parameters = self.parameters()
-        inputs = [below, self._image(blocks, core), labels, *parameters, *self._rescale(), *weights]
+        inputs = [below, self._image(blocks, core), labels, *parameters, *weights]
         outputs = tf.numpy_function(
-            self.kernels.gradients, inputs, [tf.float32] * 6 + [tf.float64], stateful=False, name="fused_tail_gradients"
+            run, inputs, [tf.float32] * 6 + [tf.float64], stateful=False, name="fused_tail_gradients"
         )
-        targets = [below, *parameters]
+        # The kernels' TailGradients: the input's and the learned parameters' gradients, then the sums.
+        targets = [below, *parameters.learned]
         upstream = [tf.ensure_shape(g, t.shape) if t.shape.is_fully_defined() else g for g, t in zip(outputs[:6], targets)]
         upstream[0] = tf.reshape(upstream[0], tf.shape(below))
         grads = tape.gradient(targets, variables, output_gradients=upstream)
