@@ -29,7 +29,8 @@ from train_step import write_region
 
 
 def run_worker(args: argparse.Namespace) -> dict:
-    from gigaseg.distributed import DistributedConfig, DistributedEngine, make_replicas
+    from gigaseg.distributed import DistributedConfig, make_replicas
+    from gigaseg.streaming import DistributedEngine
 
     replicas = make_replicas(DistributedConfig(kind="multiworker" if args.workers > 1 else "none"))
     import keras

@@ -21,7 +21,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from gigaseg.checkpoint import load_checkpoint
-from gigaseg.distributed import DistributedConfig, cluster_from, lost_worker_message, share
+from gigaseg.distributed import DistributedConfig, cluster_from, lost_worker_message
+from gigaseg.streaming.engine import share
 from gigaseg.errors import ConfigError
 from conftest import checkpoint_step, command_env
 
@@ -109,9 +110,9 @@ MIRRORED_SETUP = textwrap.dedent(
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 3)
     import keras
-    from gigaseg.distributed import DistributedConfig, DistributedEngine, Replicas, make_replicas
+    from gigaseg.distributed import DistributedConfig, Replicas, make_replicas
     from gigaseg.model import build_unet
-    from gigaseg.streaming import TiledEngine
+    from gigaseg.streaming import DistributedEngine, TiledEngine
 
     strategy = tf.distribute.MirroredStrategy(devices=[d.name for d in tf.config.list_logical_devices("CPU")])
     replicas = Replicas(strategy)

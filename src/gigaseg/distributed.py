@@ -25,9 +25,8 @@ import re
 import socket
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -330,102 +329,3 @@ def _start_watchdog(timeout_s: float, cluster: Cluster):
                f"of {others} joined {cluster.name(cluster.task_type, cluster.task_index)}; start them all with the "
                "same cluster, check that their ports are reachable, or raise the timeout")
     return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout_s), message])
-
-
-def share(tiles: Sequence, parts: int) -> list[list]:
-    """``tiles`` cut into ``parts`` contiguous runs of near-equal length (row-major neighbours stay together)."""
-    bounds = np.linspace(0, len(tiles), parts + 1).round().astype(int)
-    return [list(tiles[bounds[i]:bounds[i + 1]]) for i in range(parts)]
-
-
-class DistributedEngine:
-    """A :class:`TiledEngine` step whose tiles are spread over every replica of the run.
-
-    Same interface as the tiled engine (``step``, ``passes``, ``plan``, ``memory_plan``,
-    ``tile_size``, ``choice``): each replica runs the passes on its share of the tile plan with
-    its own :class:`~gigaseg.streaming.engine.TiledEngine` (same options, same evaluator
-    table); partial sums are added up by the strategy.
-    """
-
-    def __init__(self, model, replicas: Replicas, **options):
-        import tensorflow as tf
-
-        from gigaseg.streaming.engine import TiledEngine
-
-        self.replicas = replicas
-        self.engines: list = []
-        for device in replicas.devices:
-            with tf.device(device):
-                self.engines.append(TiledEngine(model, **options))
-        self.model = model
-        self.passes = self.engines[0].passes
-
-    @property
-    def choice(self):
-        return self.engines[0].choice
-
-    @property
-    def tile_size(self):
-        return self.engines[0].tile_size
-
-    @tile_size.setter
-    def tile_size(self, value) -> None:
-        for engine in self.engines:
-            engine.tile_size = None if value is None else tuple(int(v) for v in value)
-
-    def memory_plan(self, region_shape):
-        return self.engines[0].memory_plan(region_shape)
-
-    def plan(self, region_shape):
-        return self.engines[0].plan(region_shape)
-
-    def _on_replicas(self, work: Callable, shares: list[list]) -> list:
-        """Run ``work(engine, tiles)`` for every local replica (in parallel threads when there are several)."""
-        import tensorflow as tf
-
-        def run(j: int):
-            with tf.device(self.replicas.devices[j]):
-                return work(self.engines[j], shares[j])
-
-        if len(self.engines) == 1:
-            return [run(0)]
-        with ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="gigaseg-replica") as pool:
-            return list(pool.map(run, range(len(self.engines))))
-
-    def step(self, image: np.ndarray, mask: np.ndarray, *, progress=None):
-        """The region's :class:`~gigaseg.streaming.engine.StepResult`, every replica computing its share."""
-        from gigaseg.streaming.engine import PassSums, TileCounter, check_region
-        from gigaseg.streaming.labels import count_labelled
-
-        engine = self.engines[0]
-        region_shape = check_region(image, mask, engine.total_stride)
-        # n, the labelled pixels, from the whole mask on every replica (BCE's weights need it
-        # before its only pass); the per-tile sums below are over labelled pixels too.
-        labelled = count_labelled(mask)
-        plan = engine.plan(region_shape)
-        everyone = share(plan.tiles, self.replicas.num_replicas)
-        mine = everyone[self.replicas.first_replica:self.replicas.first_replica + len(self.engines)]
-        counter = TileCounter(progress, self.passes * sum(len(tiles) for tiles in mine))
-        for replica in self.engines:
-            replica.check_gradients()  # before the reader: a failed check may change the windows' layout
-        reader = engine.window_reader(image, mask)
-        start = time.perf_counter()
-        first = None
-        wait_s = 0.0
-        if self.passes == 2:
-            parts = self._on_replicas(lambda e, tiles: e.pass_sums(reader, tiles, counter), mine)
-            first = PassSums(self.replicas.all_reduce([p.sums for p in parts], "pass-1 sums"))
-            wait_s += sum(p.wait_s for p in parts)
-        weights = engine.surrogate_weights(first, labelled)
-        parts = self._on_replicas(lambda e, tiles: e.pass_gradients(reader, tiles, weights, counter), mine)
-        wait_s += sum(p[2] for p in parts)
-        shapes = [g.shape for g in parts[0][0]]
-        total = self.replicas.all_reduce(
-            [np.concatenate([g.ravel() for g in grads] + [sums]) for grads, sums, _ in parts], "gradient sums"
-        )
-        gradients, at = [], 0
-        for shape in shapes:
-            size = int(np.prod(shape))
-            gradients.append(total[at:at + size].reshape(shape))
-            at += size
-        return engine.result(labelled, len(plan), first, gradients, total[at:], wait_s, time.perf_counter() - start)

@@ -155,7 +155,7 @@ def choose_engine(model, region_shape: tuple[int, int], config: TrainConfig, rep
         return WholeRegionEngine(model, loss=config.loss), None
     options = dict(loss=config.loss, tile_size=config.tile_size, budget_bytes=budget, evaluator=config.evaluator)
     if replicas is not None:
-        from gigaseg.distributed import DistributedEngine
+        from gigaseg.streaming import DistributedEngine
 
         engine = DistributedEngine(model, replicas, **options)
     else:

@@ -3,7 +3,14 @@
 See docs/STREAMING.md for the method. The public entry points are re-exported here.
 """
 
-from gigaseg.streaming.engine import StepResult, TiledEngine, WholeRegionEngine, loss_and_gradients, predict_tiled
+from gigaseg.streaming.engine import (
+    DistributedEngine,
+    StepResult,
+    TiledEngine,
+    WholeRegionEngine,
+    loss_and_gradients,
+    predict_tiled,
+)
 from gigaseg.streaming.geometry import Geometry, activation_bytes_per_pixel, model_geometry, total_stride
 from gigaseg.streaming.labels import count_labelled
 from gigaseg.streaming.memory import (
@@ -18,6 +25,7 @@ from gigaseg.streaming.plan import RegionShapeError, Tile, TilePlan, check_regio
 from gigaseg.streaming.reference import plain_loss_and_gradients, plain_step
 
 __all__ = [
+    "DistributedEngine",
     "Geometry",
     "MemoryPlan",
     "RegionShapeError",

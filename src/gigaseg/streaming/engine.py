@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -254,7 +255,7 @@ class TiledEngine:
         labelled = count_labelled(mask)
         self.check_gradients()  # before the reader: a failed check may change the windows' layout
         plan = self.plan(region_shape)
-        counter = TileCounter(progress, self.passes * len(plan))
+        counter = TileCounter(progress, self.passes * self.tiles_computed(plan))
         start = time.perf_counter()
         reader = self.window_reader(image, mask)
         first = self.pass_sums(reader, plan.tiles, counter) if self.passes == 2 else None
@@ -263,8 +264,12 @@ class TiledEngine:
         wait_s += first.wait_s if first is not None else 0.0
         return self.result(labelled, len(plan), first, gradients, second, wait_s, time.perf_counter() - start)
 
-    # The pieces of a step, for callers that spread a region's tiles over several replicas
-    # (gigaseg.distributed): each runs the passes on its share and sums the partial results.
+    # The pieces of a step. DistributedEngine overrides the passes (which tiles this process
+    # computes, how partial sums are added up) and nothing else.
+
+    def tiles_computed(self, plan: TilePlan) -> int:
+        """How many of ``plan``'s tiles this engine computes in each pass (all of them)."""
+        return len(plan)
 
     def pass_sums(self, reader: WindowReader, tiles, progress: Callable[[], None] | None = None) -> "PassSums":
         """Pass 1 (Dice losses): float64 sums A, B, C, BCE, hard intersection and predicted over ``tiles``."""
@@ -375,6 +380,88 @@ class TiledEngine:
             yield tile.core, core
             if progress is not None:
                 progress(tile.index + 1, len(plan))
+
+
+def share(tiles: Sequence[Tile], parts: int) -> list[list[Tile]]:
+    """``tiles`` cut into ``parts`` contiguous runs of near-equal length (row-major neighbours stay together)."""
+    bounds = np.linspace(0, len(tiles), parts + 1).round().astype(int)
+    return [list(tiles[bounds[i]:bounds[i + 1]]) for i in range(parts)]
+
+
+class DistributedEngine(TiledEngine):
+    """The tiled step with a region's tiles shared among replicas, their partial sums added up by the strategy.
+
+    ``replicas`` (:class:`gigaseg.distributed.Replicas`) gives the devices this process
+    drives, which replicas they are (``first_replica``, ``num_replicas``) and ``all_reduce``.
+    The plan is cut into one contiguous run of tiles per replica; each local device runs the
+    passes of :class:`TiledEngine` on its run, in its own thread, with an engine of the same
+    options. Everything else (plan, weights, result) is the tiled step's.
+    """
+
+    def __init__(self, model: keras.Model, replicas, **options):
+        self.replicas = replicas
+        self._locals: list[TiledEngine] = []
+        super().__init__(model, **options)
+        self._locals = [self]
+        for device in replicas.devices[1:]:
+            with tf.device(device):
+                self._locals.append(TiledEngine(model, **options))
+
+    @property
+    def tile_size(self):
+        return self._tile_size
+
+    @tile_size.setter
+    def tile_size(self, value) -> None:
+        self._tile_size = None if value is None else as_tile_shape(value)
+        for engine in self._locals[1:]:
+            engine.tile_size = self._tile_size
+
+    def check_gradients(self) -> None:
+        TiledEngine.check_gradients(self)
+        for engine in self._locals[1:]:
+            engine.check_gradients()
+
+    def _mine(self, tiles) -> list[list[Tile]]:
+        """This process's runs of ``tiles``: one per local device."""
+        everyone = share(list(tiles), self.replicas.num_replicas)
+        return everyone[self.replicas.first_replica:self.replicas.first_replica + len(self._locals)]
+
+    def tiles_computed(self, plan: TilePlan) -> int:
+        return sum(len(run) for run in self._mine(plan.tiles))
+
+    def _on_locals(self, work: Callable, runs: list[list[Tile]]) -> list:
+        """``work(engine, run)`` for every local device (in parallel threads when there are several)."""
+        def run(j: int):
+            with tf.device(self.replicas.devices[j]):
+                return work(self._locals[j], runs[j])
+
+        if len(self._locals) == 1:
+            return [run(0)]
+        with ThreadPoolExecutor(max_workers=len(self._locals), thread_name_prefix="gigaseg-replica") as pool:
+            return list(pool.map(run, range(len(self._locals))))
+
+    def pass_sums(self, reader: WindowReader, tiles, progress: Callable[[], None] | None = None) -> PassSums:
+        parts = self._on_locals(lambda engine, run: TiledEngine.pass_sums(engine, reader, run, progress), self._mine(tiles))
+        return PassSums(self.replicas.all_reduce([p.sums for p in parts], "pass-1 sums"), sum(p.wait_s for p in parts))
+
+    def pass_gradients(
+        self, reader: WindowReader, tiles, weights: SurrogateWeights, progress: Callable[[], None] | None = None
+    ) -> tuple[list[np.ndarray], np.ndarray, float]:
+        parts = self._on_locals(
+            lambda engine, run: TiledEngine.pass_gradients(engine, reader, run, weights, progress), self._mine(tiles)
+        )
+        shapes = [g.shape for g in parts[0][0]]
+        # One reduction for every gradient and the sums, flattened side by side.
+        total = self.replicas.all_reduce(
+            [np.concatenate([g.ravel() for g in grads] + [sums]) for grads, sums, _ in parts], "gradient sums"
+        )
+        gradients, at = [], 0
+        for shape in shapes:
+            size = int(np.prod(shape))
+            gradients.append(total[at:at + size].reshape(shape))
+            at += size
+        return gradients, total[at:], sum(p[2] for p in parts)
 
 
 class WholeRegionEngine(TiledEngine):
