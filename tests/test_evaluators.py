@@ -15,6 +15,7 @@ from gigaseg.model import build_unet
 from gigaseg.streaming import TiledEngine, plain_loss_and_gradients
 from gigaseg.streaming.evaluators import NAMES, EvaluatorError, choose
 from gigaseg.streaming.fused import FusedTail
+from test_streaming_engine import relative_errors, tissue_region
 
 TOLERANCE = 1e-4
 
@@ -36,18 +37,10 @@ def layout_model(options: dict) -> keras.Model:
 
 
 def labelled_region(height: int, width: int, seed: int = 0):
-    """Pink tissue on glass with noise, an uneven ellipse, and a band of ignored pixels (255) across it."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    mask = (((yy - 0.4 * height) / (0.3 * height)) ** 2 + ((xx - 0.45 * width) / (0.35 * width)) ** 2 < 1).astype(np.uint8)
-    colour = np.where(mask[..., None] == 1, [180, 120, 190], [235, 230, 235])
-    image = (colour + rng.normal(0, 25, (height, width, 3))).clip(0, 255).astype(np.uint8)
+    """The exactness tests' tissue region with a band of ignored pixels (255) across it."""
+    image, mask = tissue_region(height, width, seed)
     mask[:, width // 3: width // 3 + width // 8] = 255
     return image, mask
-
-
-def relative_errors(gradients, reference):
-    return [float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30)) for g, r in zip(gradients, reference)]
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
