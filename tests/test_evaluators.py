@@ -112,6 +112,14 @@ def test_jit_compile_passes_the_fused_kernels_over_and_compiles_the_lowered_grap
     assert compiled.evaluator.name == "lowered"
     assert "XLA" in dict(compiled.choice.skipped)["fused"]
     np.testing.assert_allclose(compiled.predict(image), TiledEngine(model, tile_size=128).predict(image), rtol=0, atol=1e-5)
+    # The compiled training step is exact too (the block convolutions' registered gradients compile).
+    _, mask = labelled_region(256, 384, seed=2)
+    step = TiledEngine(model, loss="dice_bce", tile_size=128, jit_compile=True).step(image, mask)
+    reference_loss, reference = plain_loss_and_gradients(model, image, mask, loss="dice_bce", dtype="float64")
+    _, plain32 = plain_loss_and_gradients(model, image, mask, loss="dice_bce", dtype="float32")
+    assert abs(step.loss - reference_loss) <= TOLERANCE * abs(reference_loss)
+    tiled, plain = relative_errors(step.gradients, reference), relative_errors(plain32, reference)
+    assert all(t <= p + TOLERANCE for t, p in zip(tiled, plain)), (tiled, plain)
     with pytest.raises(ConfigError) as info:
         TiledEngine(model, evaluator="fused", jit_compile=True)
     assert "\n" not in str(info.value) and "jit_compile" in str(info.value)
