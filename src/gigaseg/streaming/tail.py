@@ -55,7 +55,7 @@ def _first_conv(model: keras.Model, rescaling: layers.Rescaling, f: int) -> "lay
 
 @dataclass
 class Tail:
-    """The fused tail of a model evaluated by ``net``; build it with :meth:`Tail.find`."""
+    """The fused tail of a model evaluated by ``net``; build it with :meth:`Tail.match`."""
 
     net: SpaceToDepthUNet
     transposed: layers.Conv2DTranspose
@@ -65,14 +65,6 @@ class Tail:
     kernels: FusedTail
     first: layers.Conv2D | None = None  # the first convolution, when its kernel runs it in forward passes
     first_kernels: FusedFirstConv | None = None
-
-    @classmethod
-    def find(cls, net: SpaceToDepthUNet, threads: int | None = None) -> "Tail | None":
-        """The fused tail of ``net``'s model, or None if its last layers are not that pattern (checked numerically too)."""
-        try:
-            return cls.match(net, threads)
-        except Unsupported:
-            return None
 
     @classmethod
     def match(cls, net: SpaceToDepthUNet, threads: int | None = None) -> "Tail":
