@@ -110,15 +110,20 @@ def strides_two_and_three():
     return keras.Model(inputs, layers.Conv2D(1, 1, activation="sigmoid")(layers.Add()([by_two, by_three])))
 
 
+def seeded(build):
+    """The hand-built model with seed-0 weights, its geometry and its total stride."""
+    keras.utils.set_random_seed(0)
+    model = build()
+    g = model_geometry(model)
+    return model, g, g.total_stride
+
+
 HAND_BUILT = [pooling_and_upsampling, valid_padding, same_after_valid, per_pixel_layers, strides_two_and_three]
 
 
 @pytest.mark.parametrize("build", HAND_BUILT, ids=lambda b: b.__name__)
 def test_the_derived_reach_is_exactly_where_a_block_stops_depending_on_the_input(build):
-    keras.utils.set_random_seed(0)
-    model = build()
-    g = model_geometry(model)
-    s = g.total_stride
+    model, g, s = seeded(build)
     # One block of s output columns, starting on a multiple of s well inside the image.
     first = (g.reach_before // s + 2) * s
     last = first + s - 1
@@ -143,10 +148,7 @@ def test_the_derived_reach_is_exactly_where_a_block_stops_depending_on_the_input
 
 @pytest.mark.parametrize("build", HAND_BUILT, ids=lambda b: b.__name__)
 def test_hand_built_models_predict_tiled_as_whole(build):
-    keras.utils.set_random_seed(0)
-    model = build()
-    g = model_geometry(model)
-    s = g.total_stride
+    model, g, s = seeded(build)
     tile = max(2 * s, 16 // s * s)
     image = np.random.default_rng(3).integers(0, 256, (5 * tile, 7 * tile, 3), dtype=np.uint8)
     whole = model(image[np.newaxis], training=False)[0, :, :, 0].numpy()
